@@ -1,0 +1,68 @@
+"""xFormers block-diagonal masks for the three phases of the seed, behind one small interface.
+
+xFormers' ``make_local_attention*`` methods differ from class to class; these helpers hide that, so the step plan
+only says which phase it is in and with which seqlens. The mask classes are plain value objects that work on CPU;
+only xFormers' attention kernels need CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+try:
+    # xFormers logs a warning at import when its compiled extension does not match the installed torch (always the
+    # case on CPU). The mask classes are pure Python and need none of it, so keep that noise out of CPU runs; on a
+    # GPU machine the warning matters and is left alone.
+    _xformers_logger = logging.getLogger("xformers")
+    _previous_level = _xformers_logger.level
+    if not torch.cuda.is_available():
+        _xformers_logger.setLevel(logging.ERROR)
+    try:
+        from xformers.ops.fmha.attn_bias import (
+            AttentionBias,
+            BlockDiagonalCausalMask,
+            BlockDiagonalCausalWithOffsetPaddedKeysMask,
+            BlockDiagonalMask,
+        )
+    finally:
+        _xformers_logger.setLevel(_previous_level)
+except ImportError as error:  # pragma: no cover - exercised only where xformers is missing
+    raise ImportError(
+        "hf_rolling_cache needs xFormers for its attention masks: `pip install xformers` "
+        "(on a CPU-only machine the mask classes work without its CUDA kernels)."
+    ) from error
+
+__all__ = [
+    "AttentionBias",
+    "decode_mask",
+    "first_chunk_mask",
+    "later_chunk_mask",
+]
+
+
+def first_chunk_mask(q_seqlens: Sequence[int], window: int, device: torch.device | None = None) -> AttentionBias:
+    """First prefill chunk: nothing cached, each token attends to itself and the ``window - 1`` before it."""
+    return BlockDiagonalCausalMask.from_seqlens(q_seqlens, device=device).make_local_attention(window)
+
+
+def later_chunk_mask(
+    q_seqlens: Sequence[int], kv_seqlens: Sequence[int], window: int, device: torch.device | None = None
+) -> AttentionBias:
+    """A later prefill chunk over [unrotated cache ++ chunk]: queries line up with the keys from the bottom right."""
+    return BlockDiagonalMask.from_seqlens(q_seqlens, kv_seqlens, device=device).make_local_attention_from_bottomright(
+        window
+    )
+
+
+def decode_mask(kv_seqlens: Sequence[int], window: int, device: torch.device | None = None) -> AttentionBias:
+    """Decode: one query per sequence over its whole ring of ``window`` slots, the first ``kv_seqlens[b]`` valid.
+
+    Ring order does not matter here: the single query attends to every valid slot, and rotary embeddings were
+    applied before the keys were written.
+    """
+    return BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        q_seqlen=[1] * len(kv_seqlens), kv_padding=window, kv_seqlen=list(kv_seqlens), device=device
+    )

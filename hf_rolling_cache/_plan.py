@@ -1,0 +1,216 @@
+"""The per-forward step plan: who is real, which ring slots they go to, which keys each query sees, and the mask.
+
+It is built once per forward (by the first layer that attends) from host ints only, and shared by every layer.
+Device copies of its index tensors and masks are made once per device, so a model spread over several devices
+moves the plan to each of them once, not once per layer.
+
+Worked example, the seed's walkthrough (``seqlens = [4, 1, 3]``, ``window = 3``, chunks of 2 per sequence)::
+
+    iteration 1   phase=prefill             q_seqlens=[2, 1, 2]  kv_seqlens=[2, 1, 2]
+                  BlockDiagonalCausalMask(...).make_local_attention(3); then positions 0,1 | 0 | 0,1 are
+                  written to slots 0,1 | 0 | 0,1 of their own rows.
+    iteration 2   phase=subsequent_prefill  q_seqlens=[2, 0, 1]  kv_seqlens=[4, 1, 3]
+                  keys = unrotated ring (2 | 1 | 2 cached) ++ the chunk;
+                  BlockDiagonalMask(...).make_local_attention_from_bottomright(3); then write.
+    decode 1      phase=decode              q_seqlens=[1, 1, 1]  kv_seqlens=[3, 2, 3]
+                  positions 4 | 1 | 3 are written to slots 1 | 1 | 0 first, then
+                  BlockDiagonalCausalWithOffsetPaddedKeysMask(kv_padding=3) attends over each row's ring.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+
+from . import _masks
+from ._ring import cached_count, slot_of, unrotated_slots
+
+
+class Phase(str, enum.Enum):
+    """The seed's three phases; each has its own mask and its own order of cache write and attention."""
+
+    PREFILL = "prefill"  # nothing cached yet: attend within the chunk, then write
+    SUBSEQUENT_PREFILL = "subsequent_prefill"  # attend over the unrotated cache ++ the chunk, then write
+    DECODE = "decode"  # one token per sequence: write, then attend over the ring
+
+
+class PlanIndices(NamedTuple):
+    """A plan's index tensors on one device (``None`` where the phase needs none)."""
+
+    query_index: torch.Tensor | None  # [num_queries] rows of the [B * q_length] grid that hold real tokens
+    write_source: torch.Tensor  # [num_writes] rows of the packed new tokens that go into the ring
+    write_slot: torch.Tensor  # [num_writes] rows of the flat [B * window] ring they go to
+    gather_slot: torch.Tensor | None  # subsequent prefill: ring rows of the cached tokens, oldest first
+    gather_dest: torch.Tensor | None  # ... and their rows in the packed keys
+    new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    """Everything one forward needs to know about its batch, computed once and shared by all layers."""
+
+    phase: Phase
+    window: int
+    q_length: int  # columns of this forward, padding included
+    q_seqlens: tuple[int, ...]  # real query tokens per sequence
+    kv_seqlens: tuple[int, ...]  # keys each sequence's queries attend over
+    seen: tuple[int, ...]  # real tokens each sequence had cached before this forward
+    _host_indices: dict[str, list[int] | None] = field(repr=False)
+    _per_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_seqlens)
+
+    @property
+    def seen_after(self) -> tuple[int, ...]:
+        return tuple(s + n for s, n in zip(self.seen, self.q_seqlens))
+
+    @property
+    def num_queries(self) -> int:
+        return sum(self.q_seqlens)
+
+    @property
+    def num_keys(self) -> int:
+        """Rows of the key tensor the attention reads: the packed keys, or for decode the whole flat ring."""
+        return self.batch_size * self.window if self.phase is Phase.DECODE else sum(self.kv_seqlens)
+
+    def indices(self, device: torch.device) -> PlanIndices:
+        """The index tensors on ``device``, copied there once (one host-to-device transfer)."""
+        key = ("indices", device)
+        if key not in self._per_device:
+            names = PlanIndices._fields
+            lists = [self._host_indices[name] for name in names]
+            flat = torch.tensor([i for values in lists if values is not None for i in values], dtype=torch.long)
+            flat = flat.to(device, non_blocking=True)
+            parts, start = [], 0
+            for values in lists:
+                if values is None:
+                    parts.append(None)
+                else:
+                    parts.append(flat[start : start + len(values)])
+                    start += len(values)
+            self._per_device[key] = PlanIndices(*parts)
+        return self._per_device[key]
+
+    def mask(self, device: torch.device | str = "cpu") -> _masks.AttentionBias:
+        """The xFormers mask of this step, with its seqlen tensors on ``device``."""
+        device = torch.device(device)
+        key = ("mask", device)
+        if key not in self._per_device:
+            if self.phase is Phase.PREFILL:
+                bias = _masks.first_chunk_mask(self.q_seqlens, self.window, device=device)
+            elif self.phase is Phase.SUBSEQUENT_PREFILL:
+                bias = _masks.later_chunk_mask(self.q_seqlens, self.kv_seqlens, self.window, device=device)
+            else:
+                bias = _masks.decode_mask(self.kv_seqlens, self.window, device=device)
+            self._per_device[key] = bias
+        return self._per_device[key]
+
+    def dense_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The mask materialized as a [num_queries, num_keys] float tensor of 0 and -inf (the exact oracle)."""
+        device = torch.device(device)
+        key = ("dense", device)
+        if key not in self._per_device:
+            shape = (self.num_queries, self.num_keys)
+            self._per_device[key] = self.mask("cpu").materialize(shape, dtype=torch.float32).to(device)
+        return self._per_device[key]
+
+
+def build_plan(*, window: int, q_length: int, q_seqlens: Sequence[int], seen: Sequence[int]) -> StepPlan:
+    """Plan one forward.
+
+    ``q_seqlens[b]`` real tokens of sequence ``b`` sit in the last columns of this forward's ``q_length`` columns
+    (left padding), and ``seen[b]`` of its tokens are already cached. Positions continue from ``seen``.
+    """
+    q_seqlens, seen = tuple(q_seqlens), tuple(seen)
+    batch = len(q_seqlens)
+    if sum(q_seqlens) == 0:
+        raise ValueError("This forward has no real token: every column of its attention_mask is padding.")
+
+    if not any(seen):
+        phase = Phase.PREFILL
+    elif q_length == 1 and all(n == 1 for n in q_seqlens):
+        phase = Phase.DECODE
+    else:
+        phase = Phase.SUBSEQUENT_PREFILL
+
+    starts = [0, *accumulate(q_seqlens)][:-1]  # where each sequence's tokens start among the packed queries
+    query_index = None
+    if any(n != q_length for n in q_seqlens):
+        query_index = [b * q_length + column for b, n in enumerate(q_seqlens) for column in range(q_length - n, q_length)]
+
+    # Only the newest `window` tokens of a long chunk are kept: writing more would put two tokens in one slot.
+    write_source, write_slot = [], []
+    for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
+        for i in range(n - min(n, window), n):
+            write_source.append(start + i)
+            write_slot.append(b * window + slot_of(s + i, window))
+
+    gather_slot = gather_dest = new_dest = None
+    if phase is Phase.PREFILL:
+        kv_seqlens = q_seqlens
+    elif phase is Phase.DECODE:
+        kv_seqlens = tuple(min(s + 1, window) for s in seen)
+    else:
+        kv_seqlens = tuple(cached_count(s, window) + n for s, n in zip(seen, q_seqlens))
+        gather_slot, gather_dest, new_dest = [], [], []
+        kv_start = 0
+        for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
+            cached = unrotated_slots(s, window)
+            gather_slot += [b * window + slot for slot in cached]
+            gather_dest += range(kv_start, kv_start + len(cached))
+            new_dest += range(kv_start + len(cached), kv_start + len(cached) + n)
+            kv_start += len(cached) + n
+
+    host_indices = dict(
+        query_index=query_index,
+        write_source=write_source,
+        write_slot=write_slot,
+        gather_slot=gather_slot,
+        gather_dest=gather_dest,
+        new_dest=new_dest,
+    )
+    return StepPlan(
+        phase=phase,
+        window=window,
+        q_length=q_length,
+        q_seqlens=q_seqlens,
+        kv_seqlens=tuple(kv_seqlens),
+        seen=seen,
+        _host_indices=host_indices,
+    )
+
+
+def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: int) -> tuple[list[int], list[int] | None]:
+    """Real query tokens per sequence, and real tokens before this forward according to the mask.
+
+    ``padding_mask`` is Transformers' 2D mask, ``[B, past + q_length]`` or ``[B, q_length]``, True for real tokens.
+    Within this forward's columns each row must be left padded (``0..0 1..1``); anything else is right padding
+    or a hole, which would put a pad where a real token's logits are read. One host transfer per forward.
+    """
+    if padding_mask is None:
+        return [q_length] * batch_size, None
+    if padding_mask.ndim != 2 or padding_mask.shape[0] != batch_size or padding_mask.shape[1] < q_length:
+        raise ValueError(
+            f"rolling_xformers needs a 2D attention_mask of shape [batch, past + {q_length}] "
+            f"(1 for real tokens, 0 for padding); got shape {tuple(padding_mask.shape)}."
+        )
+    columns = padding_mask[:, -q_length:].to(torch.int64)
+    left_padded = (columns[:, 1:] >= columns[:, :-1]).all(dim=1).to(torch.int64)
+    history = padding_mask[:, :-q_length].to(torch.int64).sum(dim=1)
+    q_seqlens, left_padded, history = torch.stack((columns.sum(dim=1), left_padded, history)).tolist()
+    bad = [b for b, ok in enumerate(left_padded) if not ok]
+    if bad:
+        raise ValueError(
+            f"Sequences {bad} are right padded (a pad follows a real token in this forward's attention_mask). "
+            "The rolling cache needs left padding: set tokenizer.padding_side = 'left'."
+        )
+    if padding_mask.shape[1] == q_length:
+        return q_seqlens, None
+    return q_seqlens, history

@@ -1,0 +1,156 @@
+"""The "rolling_xformers" attention and mask functions, registered with Transformers' interfaces.
+
+Data flows one way per forward: the mask function records the batch's padding layout (`RollingMask`); the first
+layer to attend builds the step plan from it and the cache's counters; every layer then packs its real tokens,
+writes its ring and attends, with that one plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ._kernels import attend
+from ._plan import Phase, StepPlan, build_plan, query_layout
+from .cache import ATTENTION_NAME, RollingSlidingWindowCache, StagedKV
+
+
+@dataclass(eq=False)
+class RollingMask:
+    """What every layer of one forward receives as ``attention_mask``: the padding layout, and the plan built
+    from it (once, by the first layer that attends)."""
+
+    batch_size: int
+    q_length: int
+    config_window: int | None
+    padding_mask: torch.Tensor | None  # Transformers' 2D mask, True for real tokens
+    _plan: StepPlan | None = field(default=None, repr=False)
+
+    def plan_for(self, cache: RollingSlidingWindowCache | None) -> StepPlan:
+        if self._plan is None:
+            self._plan = self._build(cache)
+        return self._plan
+
+    def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan:
+        window = self.config_window
+        if cache is not None:
+            if window is not None and window != cache.window:
+                raise ValueError(
+                    f"The model's sliding_window is {window} but the cache's window is {cache.window}: build the "
+                    "cache from this model's config."
+                )
+            window = cache.window
+        if window is None:
+            raise ValueError(
+                "rolling_xformers needs a sliding window, and the model config has none: set "
+                "model.config.sliding_window (or use hf_rolling_cache.enable(model, window=W))."
+            )
+        q_seqlens, history = query_layout(self.padding_mask, self.batch_size, self.q_length)
+        seen = cache.seen_for(self.batch_size) if cache is not None else (0,) * self.batch_size
+        plan = build_plan(window=window, q_length=self.q_length, q_seqlens=q_seqlens, seen=seen)
+        if cache is not None:
+            columns = None if self.padding_mask is None else self.padding_mask.shape[1]
+            cache.begin_step(plan, history, columns)
+        return plan
+
+
+def rolling_mask_interface(
+    batch_size: int,
+    q_length: int,
+    kv_length: int | None = None,
+    q_offset: int | None = None,
+    kv_offset: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    config=None,
+    **kwargs,
+) -> RollingMask:
+    """Transformers' mask hook: instead of a dense mask, keep the 2D padding mask for the step plan."""
+    return RollingMask(
+        batch_size=batch_size,
+        q_length=q_length,
+        config_window=getattr(config, "sliding_window", None),
+        padding_mask=attention_mask,
+    )
+
+
+def rolling_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | StagedKV,
+    value: torch.Tensor | StagedKV,
+    attention_mask: RollingMask | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Rolling-window attention for one layer; shaped like Transformers' ``sdpa_attention_forward``.
+
+    ``query`` is ``[B, H_q, q, D]``; ``key``/``value`` are the `StagedKV` of a `RollingSlidingWindowCache`, or
+    plain ``[B, H_kv, q, D]`` tensors when no cache is used. Returns ``[B, q, H_q, D]`` (zeros at padding).
+    """
+    if not isinstance(attention_mask, RollingMask):
+        raise ValueError(
+            "rolling_xformers attention got a precomputed attention mask; it needs the model's 2D padding mask. "
+            "Pass attention_mask as [batch, length] (1 = token, 0 = padding), not a 4D mask."
+        )
+    if dropout:
+        raise ValueError("rolling_xformers is an inference attention: it does not apply dropout (use model.eval()).")
+    if isinstance(key, StagedKV):
+        cache, layer, new_keys, new_values = key.cache, key.layer, key.keys, key.values
+    else:
+        if key.shape[-2] != query.shape[-2]:
+            raise ValueError(
+                "rolling_xformers attention needs a RollingSlidingWindowCache as past_key_values (it got a cache of "
+                f"another kind, holding {key.shape[-2]} keys for {query.shape[-2]} queries). Pass "
+                "past_key_values=RollingSlidingWindowCache(config=model.config), or call hf_rolling_cache.enable(model)."
+            )
+        cache, layer, new_keys, new_values = None, None, key, value
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    plan = attention_mask.plan_for(cache)
+    indices = plan.indices(query.device)
+    packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
+    packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]
+    packed_values = _pack(new_values, indices.query_index)
+
+    if plan.phase is Phase.DECODE:  # write, then attend over the whole ring
+        layer.write(packed_keys, packed_values, indices)
+        keys, values = layer.flat()
+    elif plan.phase is Phase.SUBSEQUENT_PREFILL:  # attend over the unrotated cache ++ the chunk, then write
+        keys, values = layer.unrotated_with(packed_keys, packed_values, plan, indices)
+    else:  # first chunk: attend within it, then write
+        keys, values = packed_keys, packed_values
+
+    out = attend(packed_query, keys, values, plan, scaling)
+
+    if cache is not None:
+        if plan.phase is not Phase.DECODE:
+            layer.write(packed_keys, packed_values, indices)
+        cache.layer_written(plan, key.layer_idx)
+    return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
+
+
+def _pack(states: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, q, D]`` -> the real tokens as ``[T, H, D]``, sequence after sequence."""
+    batch, heads, length, head_dim = states.shape
+    flat = states.transpose(1, 2).reshape(batch * length, heads, head_dim)
+    return flat if query_index is None else flat.index_select(0, query_index)
+
+
+def _unpack(packed: torch.Tensor, query_index: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Packed ``[T, H, D]`` -> ``[B, q, H, D]``, zeros where the batch had padding."""
+    if query_index is None:
+        return packed.view(batch, length, *packed.shape[1:])
+    out = packed.new_zeros(batch * length, *packed.shape[1:])
+    out.index_copy_(0, query_index, packed)
+    return out.view(batch, length, *packed.shape[1:])
+
+
+def register() -> None:
+    """Register "rolling_xformers" with Transformers' attention and mask interfaces (done on import)."""
+    AttentionInterface.register(ATTENTION_NAME, rolling_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, rolling_mask_interface)
