@@ -5,8 +5,9 @@
 
 from .attention import register as _register
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
+from .smollm2 import load_smollm2
 
 _register()
 
-__all__ = ["ATTENTION_NAME", "RollingSlidingWindowCache"]
+__all__ = ["ATTENTION_NAME", "RollingSlidingWindowCache", "load_smollm2"]
 __version__ = "0.1.0"

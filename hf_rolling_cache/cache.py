@@ -232,13 +232,13 @@ class RollingSlidingWindowCache(Cache):
         """Open a forward. ``history`` is what the attention_mask says each sequence had before it."""
         self._check_usable()
         seen = self._progress.seen
+        if mask_columns is not None and mask_columns != self._progress.columns + plan.q_length:
+            raise ValueError(
+                f"The attention_mask has {mask_columns} columns, but this cache has processed "
+                f"{self._progress.columns} and this forward brings {plan.q_length}. Pass the mask of the whole "
+                "conversation so far (as generate does), or a new cache for a new batch."
+            )
         if seen and history is not None:
-            if mask_columns != self._progress.columns + plan.q_length:
-                raise ValueError(
-                    f"The attention_mask has {mask_columns} columns, but this cache has processed "
-                    f"{self._progress.columns} and this forward brings {plan.q_length}. Pass the mask of the whole "
-                    "conversation so far (as generate does), or a new cache for a new batch."
-                )
             if list(history) != list(seen):
                 raise ValueError(
                     f"The attention_mask says the sequences had {list(history)} real tokens before this forward, but "

@@ -1,0 +1,64 @@
+"""Shared builders: tiny Mistral pairs (eager reference, rolling) with the same weights, and ragged batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import hf_rolling_cache  # noqa: F401  (registers "rolling_xformers")
+
+
+def tiny_config(window: int, *, kv_heads: int = 2, heads: int = 4, head_dim: int = 16, layers: int = 2, vocab: int = 97):
+    return MistralConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        sliding_window=window,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def model_pair(config: MistralConfig, seed: int = 0) -> tuple[MistralForCausalLM, MistralForCausalLM]:
+    """The same random weights twice: Transformers' eager attention (the reference) and rolling_xformers.
+
+    Each model gets its own config object: a model keeps the config it is built from, and the attention
+    implementation lives there.
+    """
+    torch.manual_seed(seed)
+    reference = MistralForCausalLM(copy.deepcopy(config)).eval()
+    reference.set_attn_implementation("eager")
+    rolling = MistralForCausalLM(copy.deepcopy(config)).eval()
+    rolling.load_state_dict(reference.state_dict())
+    rolling.set_attn_implementation("rolling_xformers")
+    return reference, rolling
+
+
+def ragged_batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for prompts of ``lengths`` random tokens (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA: run on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,63 @@
+"""The attention function: the exact kernel against a naive loop, and a whole forward against eager attention."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_rolling_cache._kernels import dense_attention
+from hf_rolling_cache._plan import build_plan
+from tests.conftest import model_pair, ragged_batch, tiny_config
+
+
+def _naive_attention(query, keys, values, allowed, scaling):
+    """Per query and head: softmax over the allowed keys of its kv head, with plain loops."""
+    out = torch.zeros_like(query)
+    group = query.shape[1] // keys.shape[1]
+    for t in range(query.shape[0]):
+        for h in range(query.shape[1]):
+            kv_head = h // group
+            columns = [s for s in range(keys.shape[0]) if allowed[t][s]]
+            scores = torch.stack([query[t, h] @ keys[s, kv_head] * scaling for s in columns])
+            weights = torch.softmax(scores, dim=0)
+            out[t, h] = sum(w * values[s, kv_head] for w, s in zip(weights, columns))
+    return out
+
+
+@pytest.mark.parametrize("query_heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_dense_kernel_matches_a_naive_loop(query_heads, kv_heads):
+    torch.manual_seed(0)
+    plan = build_plan(window=3, q_length=3, q_seqlens=[3, 1, 2], seen=[2, 4, 0])
+    query = torch.randn(plan.num_queries, query_heads, 8)
+    keys = torch.randn(plan.num_keys, kv_heads, 8)
+    values = torch.randn(plan.num_keys, kv_heads, 8)
+    allowed = plan.dense_mask().exp().bool().tolist()
+    got = dense_attention(query, keys, values, plan.dense_mask(), 0.35)
+    torch.testing.assert_close(got, _naive_attention(query, keys, values, allowed, 0.35), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [3, 8])
+def test_forward_without_cache_matches_eager(window):
+    reference, rolling = model_pair(tiny_config(window))
+    input_ids, attention_mask = ragged_batch([11, 4, 7])
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        got = rolling(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_rolling_attention_refuses_another_cache():
+    _, rolling = model_pair(tiny_config(4))
+    input_ids, attention_mask = ragged_batch([5, 5])
+    cache = DynamicCache(config=rolling.config)
+    with torch.no_grad():
+        rolling(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)  # prefill: no history yet
+        with pytest.raises(ValueError, match="needs a RollingSlidingWindowCache"):
+            rolling(input_ids=input_ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), past_key_values=cache)
+
+
+def test_rolling_attention_refuses_a_4d_mask():
+    _, rolling = model_pair(tiny_config(4))
+    input_ids, _ = ragged_batch([3])
+    with pytest.raises(ValueError, match="2D padding mask"):
+        rolling(input_ids=input_ids, attention_mask=torch.zeros(1, 1, 3, 3), use_cache=False)

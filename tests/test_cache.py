@@ -1,0 +1,159 @@
+"""The cache: exact ring contents, B x W slots per layer forever, in-place writes, row operations."""
+
+import pytest
+import torch
+from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache._ring import slot_positions
+from tests.conftest import model_pair, ragged_batch, tiny_config
+
+
+def layer0_key(model, token: int, position: int) -> torch.Tensor:
+    """The layer-0 key of ``token`` at ``position``: it depends on nothing else, so it is an exact oracle."""
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(torch.tensor([[token]]))
+        attention = model.model.layers[0].self_attn
+        normed = model.model.layers[0].input_layernorm(hidden)
+        key = attention.k_proj(normed).view(1, 1, -1, attention.head_dim).transpose(1, 2)  # [1, H_kv, 1, D]
+        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[position]]))
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    return key[0, :, 0]  # [H_kv, D]
+
+
+def generate(model, lengths, new_tokens, chunk=None):
+    input_ids, attention_mask = ragged_batch(lengths)
+    cache = RollingSlidingWindowCache(config=model.config)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        prefill_chunk_size=chunk,
+        pad_token_id=0,
+    )
+    return out, cache
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 5])
+def test_ring_holds_exactly_the_newest_window_of_each_sequence(chunk):
+    window = 4
+    _, model = model_pair(tiny_config(window))
+    lengths = [6, 1, 3]
+    out, cache = generate(model, lengths, new_tokens=7, chunk=chunk)
+    width = max(lengths)
+    ring = cache.layers[0].keys  # [B, W, H_kv, D]
+    for row, length in enumerate(lengths):
+        tokens = out[row, width - length :].tolist()[:-1]  # the last generated token was never fed back
+        assert cache.seen[row] == len(tokens)
+        held = slot_positions(len(tokens), window)
+        assert cache.slot_positions()[row] == held
+        for slot, position in enumerate(held):
+            if position < 0:
+                assert torch.count_nonzero(ring[row, slot]) == 0  # never written: no padding got in
+            else:
+                torch.testing.assert_close(ring[row, slot], layer0_key(model, tokens[position], position))
+
+
+def test_memory_is_b_times_w_slots_and_never_reallocated():
+    window, lengths = 3, [9, 2]
+    _, model = model_pair(tiny_config(window, kv_heads=2, head_dim=16))
+    input_ids, attention_mask = ragged_batch(lengths)
+    cache = RollingSlidingWindowCache(config=model.config)
+    pointers, sizes = set(), set()
+
+    def record(*_):  # after every forward: every layer has written its ring
+        for layer in cache.layers:
+            pointers.add((layer.keys.data_ptr(), layer.values.data_ptr()))
+        sizes.add(cache.memory_bytes())
+
+    handles = [model.model.register_forward_hook(record)]
+    try:
+        model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+            max_new_tokens=6 * window, do_sample=False, pad_token_id=0,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = 2 * len(lengths) * window * 2 * 16 * 4  # K and V, B x W slots, 2 kv heads x 16 dims, fp32
+    assert sizes == {per_layer * model.config.num_hidden_layers}
+    assert len(pointers) == model.config.num_hidden_layers  # same storage from the first write to the last
+    assert tuple(cache.layers[0].keys.shape) == (2, window, 2, 16)
+
+
+def test_seq_length_counts_columns_and_seen_counts_real_tokens():
+    _, model = model_pair(tiny_config(4))
+    out, cache = generate(model, [5, 2], new_tokens=3)
+    assert cache.get_seq_length() == 5 + 2  # columns: the padded prompt, then two fed-back tokens
+    assert cache.seen == [7, 4]
+    assert cache.get_max_length() == -1
+
+
+def test_row_operations_keep_rings_and_counters_together():
+    _, model = model_pair(tiny_config(4))
+    _, cache = generate(model, [6, 2, 3], new_tokens=2)
+    rings = cache.layers[1].keys.clone()
+    seen = cache.seen
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert cache.seen == [seen[2], seen[0], seen[0]]
+    torch.testing.assert_close(cache.layers[1].keys, rings[[2, 0, 0]])
+    cache.batch_select_indices(torch.tensor([1]))
+    assert cache.seen == [seen[0]]
+    cache.batch_repeat_interleave(2)
+    assert cache.seen == [seen[0]] * 2
+    torch.testing.assert_close(cache.layers[1].keys, rings[[0, 0]])
+
+
+def test_crop_within_the_window_and_refused_past_it():
+    _, model = model_pair(tiny_config(8))
+    _, cache = generate(model, [3, 2], new_tokens=3)  # seen [5, 4] <= window
+    cache.crop(-2)
+    assert cache.seen == [3, 2] and cache.get_seq_length() == 3
+    _, wrapped = generate(model, [3, 2], new_tokens=9)  # seen [11, 10] > window
+    with pytest.raises(ValueError, match="past the window"):
+        wrapped.crop(-1)
+    assert wrapped.seen == [11, 10]  # unchanged
+
+
+def test_reset_forgets_everything():
+    _, model = model_pair(tiny_config(4))
+    _, cache = generate(model, [3, 2], new_tokens=3)
+    cache.reset()
+    assert cache.seen == [] and cache.get_seq_length() == 0
+    assert all(torch.count_nonzero(layer.keys) == 0 for layer in cache.layers)
+
+
+def test_window_from_config_or_explicit():
+    config = tiny_config(6)
+    assert RollingSlidingWindowCache(config=config).window == 6
+    assert RollingSlidingWindowCache(window=5, num_layers=2).window == 5
+    with pytest.raises(ValueError, match="disagrees"):
+        RollingSlidingWindowCache(config=config, window=5)
+    config.sliding_window = None
+    with pytest.raises(ValueError, match="needs a sliding window"):
+        RollingSlidingWindowCache(config=config)
+    with pytest.raises(ValueError, match="positive int"):
+        RollingSlidingWindowCache(window=0, num_layers=2)
+
+
+def test_cache_refuses_other_attention_implementations():
+    reference, _ = model_pair(tiny_config(4))
+    input_ids, attention_mask = ragged_batch([3])
+    cache = RollingSlidingWindowCache(config=reference.config)
+    with pytest.raises(ValueError, match="set_attn_implementation\\('rolling_xformers'\\)"):
+        reference(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+    assert cache.seen == [] and not cache.layers[0].is_initialized
+
+
+def test_cache_refuses_another_batch():
+    _, model = model_pair(tiny_config(4))
+    _, cache = generate(model, [3, 2], new_tokens=2)
+    input_ids, attention_mask = ragged_batch([3, 3, 3])
+    with pytest.raises(ValueError, match="batch of 2 sequences"):
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+    other_ids, other_mask = ragged_batch([4, 4])  # same batch size, other history
+    with pytest.raises(ValueError, match="columns|belongs to another batch"):
+        model(input_ids=other_ids, attention_mask=other_mask, past_key_values=cache)
+    assert cache.seen == [4, 3]

@@ -1,0 +1,89 @@
+"""Generation parity with Transformers' own path: eager attention and its default cache, same weights."""
+
+import functools
+
+import pytest
+import torch
+
+from hf_rolling_cache import RollingSlidingWindowCache
+from tests.conftest import model_pair, ragged_batch, tiny_config
+
+WINDOWS = [3, 4, 8, 16]
+
+
+def prompt_sets(window):
+    return {
+        "seed": [4, 1, 3],
+        "ragged": [37, 2, 19, 64],
+        "equal": [window, window],
+        "shorter": [window - 1, 1],
+    }
+
+
+def chunk_sizes(window):
+    return {"none": None, "below": max(1, window - 1), "equal": window, "above": window + 3}
+
+
+@functools.lru_cache(maxsize=None)
+def models(window):
+    return model_pair(tiny_config(window, kv_heads=1 if window in (3, 8) else 2), seed=window)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run(window, prompts):
+    reference, _ = models(window)
+    input_ids, attention_mask = ragged_batch(list(prompts), seed=len(prompts))
+    return reference.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=3 * window + 2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("chunk", ["none", "below", "equal", "above"])
+@pytest.mark.parametrize("prompts", ["seed", "ragged", "equal", "shorter"])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_greedy_parity(window, prompts, chunk):
+    lengths = prompt_sets(window)[prompts]
+    expected = reference_run(window, tuple(lengths))
+    _, rolling = models(window)
+    input_ids, attention_mask = ragged_batch(lengths, seed=len(lengths))
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    got = rolling.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        prefill_chunk_size=chunk_sizes(window)[chunk],
+        max_new_tokens=3 * window + 2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.scores) == len(expected.scores) == 3 * window + 2
+    for step, (ours, theirs) in enumerate(zip(got.scores, expected.scores)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=f"step {step}")
+    assert cache.memory_bytes() == 2 * 2 * len(lengths) * window * cache.layers[0].keys.shape[2] * 16 * 4
+
+
+@pytest.mark.parametrize("window,chunk", [(4, None), (8, 5)])
+def test_seeded_sampling_parity(window, chunk):
+    reference, rolling = models(window)
+    lengths = [37, 2, 19, 64]
+    input_ids, attention_mask = ragged_batch(lengths, seed=7)
+    options = dict(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * window, do_sample=True,
+        temperature=0.8, top_k=20, top_p=0.9, pad_token_id=0,
+    )
+    torch.manual_seed(1234)
+    expected = reference.generate(**options)
+    torch.manual_seed(1234)
+    got = rolling.generate(
+        **options, past_key_values=RollingSlidingWindowCache(config=rolling.config), prefill_chunk_size=chunk
+    )
+    assert torch.equal(got, expected)

@@ -1,0 +1,123 @@
+"""The step plan: phases, seqlens, slots, and masks that equal an oracle built from token positions alone."""
+
+import itertools
+
+import pytest
+import torch
+
+from hf_rolling_cache._plan import Phase, build_plan, query_layout
+from hf_rolling_cache._ring import slot_positions
+
+# The seed's walkthrough (002_36a3f3905b1bb634.txt): seqlens [4, 1, 3], W = 3, chunk 2.
+SEED_ITERATION_1 = [
+    [1, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0],
+    [0, 0, 1, 0, 0],
+    [0, 0, 0, 1, 0],
+    [0, 0, 0, 1, 1],
+]
+# Iteration 2: queries [2, 0, 1] over kv [4, 1, 3]; each query sees itself and the two tokens before it.
+SEED_ITERATION_2 = [
+    [1, 1, 1, 0, 0, 0, 0, 0],  # seq 0, position 2: positions 0, 1, 2 of its 4 keys
+    [0, 1, 1, 1, 0, 0, 0, 0],  # seq 0, position 3: positions 1, 2, 3
+    [0, 0, 0, 0, 0, 1, 1, 1],  # seq 2, position 2: its 2 cached + itself
+]
+# First decode step: a 9-wide mask (3 slots per sequence), the second sequence's third slot still empty.
+SEED_DECODE_1 = [
+    [1, 1, 1, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 1, 1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 1, 1, 1],
+]
+
+
+def grid(plan):
+    return plan.dense_mask().exp().round().to(torch.int64).tolist()
+
+
+def test_seed_walkthrough_plans():
+    first = build_plan(window=3, q_length=2, q_seqlens=[2, 1, 2], seen=[0, 0, 0])
+    assert first.phase is Phase.PREFILL
+    assert first.kv_seqlens == (2, 1, 2)
+    assert grid(first) == SEED_ITERATION_1
+
+    second = build_plan(window=3, q_length=2, q_seqlens=[2, 0, 1], seen=first.seen_after)
+    assert second.phase is Phase.SUBSEQUENT_PREFILL
+    assert second.kv_seqlens == (4, 1, 3)
+    assert grid(second) == SEED_ITERATION_2
+
+    decode = build_plan(window=3, q_length=1, q_seqlens=[1, 1, 1], seen=second.seen_after)
+    assert decode.phase is Phase.DECODE
+    assert decode.seen == (4, 1, 3)  # "the new tokens are #4, #1 and #3"
+    assert decode.kv_seqlens == (3, 2, 3)
+    assert grid(decode) == SEED_DECODE_1
+
+
+def test_seed_write_slots():
+    decode = build_plan(window=3, q_length=1, q_seqlens=[1, 1, 1], seen=[4, 1, 3])
+    indices = decode.indices(torch.device("cpu"))
+    # positions 4, 1, 3 go to slot 1 of row 0, slot 1 of row 1, slot 0 of row 2 (flat rows b * 3 + slot)
+    assert indices.write_slot.tolist() == [1, 4, 6]
+    assert indices.write_source.tolist() == [0, 1, 2]
+
+
+def _oracle_mask(plan):
+    """Allowed iff same sequence and q_pos - W < k_pos <= q_pos, from positions alone."""
+    window = plan.window
+    queries = [(b, s + i) for b, (n, s) in enumerate(zip(plan.q_seqlens, plan.seen)) for i in range(n)]
+    if plan.phase is Phase.DECODE:
+        keys = [(b, p) for b, s in enumerate(plan.seen_after) for p in slot_positions(s, window)]
+    elif plan.phase is Phase.PREFILL:
+        keys = queries
+    else:
+        keys = [
+            (b, p)
+            for b, (n, s) in enumerate(zip(plan.q_seqlens, plan.seen))
+            for p in range(max(0, s - window), s + n)
+        ]
+    return [
+        [int(qb == kb and kp >= 0 and qp - window < kp <= qp) for kb, kp in keys]
+        for qb, qp in queries
+    ]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_masks_equal_the_position_oracle(window):
+    for q_seqlens, seen in itertools.product([(1, 3, 2), (4, 0, 7), (1, 1, 1), (9, 2, 5)], [(0, 0, 0), (1, 4, 9), (6, 2, 5)]):
+        q_length = max(q_seqlens)
+        plan = build_plan(window=window, q_length=q_length, q_seqlens=q_seqlens, seen=seen)
+        assert grid(plan) == _oracle_mask(plan), (window, q_seqlens, seen, plan.phase)
+
+
+def test_long_chunk_writes_each_slot_once():
+    plan = build_plan(window=3, q_length=8, q_seqlens=[8, 5], seen=[0, 0])
+    indices = plan.indices(torch.device("cpu"))
+    slots = indices.write_slot.tolist()
+    assert len(slots) == len(set(slots)) == 6  # the newest 3 of each sequence
+    # sequence 0 keeps positions 5, 6, 7 (packed rows 5, 6, 7) in slots 2, 0, 1
+    assert indices.write_source.tolist()[:3] == [5, 6, 7]
+    assert slots[:3] == [2, 0, 1]
+
+
+def test_query_index_skips_padding():
+    plan = build_plan(window=4, q_length=3, q_seqlens=[3, 1, 0], seen=[2, 5, 1])
+    assert plan.indices(torch.device("cpu")).query_index.tolist() == [0, 1, 2, 5]
+    full = build_plan(window=4, q_length=3, q_seqlens=[3, 3], seen=[0, 0])
+    assert full.indices(torch.device("cpu")).query_index is None
+
+
+def test_query_layout_reads_left_padding():
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert query_layout(mask, 3, 2) == ([2, 1, 2], [1, 0, 2])
+    assert query_layout(mask[:, -2:], 3, 2) == ([2, 1, 2], None)
+    assert query_layout(None, 2, 5) == ([5, 5], None)
+
+
+def test_query_layout_rejects_right_padding():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="right padded.*padding_side = 'left'"):
+        query_layout(mask, 2, 3)
+
+
+def test_all_padding_is_an_error():
+    with pytest.raises(ValueError, match="no real token"):
+        build_plan(window=3, q_length=2, q_seqlens=[0, 0], seen=[1, 1])
