@@ -1,30 +1,103 @@
-"""Attention over packed tokens with a step plan's mask: xFormers on CUDA, an exact dense oracle elsewhere.
+"""Attention kernels for the three phases, each exact against the step plan's xFormers mask.
 
-Shapes: queries ``[T, H_q, D]``, keys and values ``[S, H_kv, D]`` (packed, or the flat ring for decode); grouped
-query heads share their kv head (query head h reads kv head ``h // (H_q // H_kv)``), as Transformers' repeat_kv.
+- Prefill phases, packed tokens ``[T, H_q, D]`` against packed keys ``[S, H_kv, D]``: on CUDA xFormers'
+  memory-efficient attention in its 5-D grouped layout (no copy of K/V per query head), with the operator chosen
+  once per mask type rather than dispatched on every call; elsewhere, or where xFormers cannot run, an exact
+  float32 computation from the materialized mask (the oracle the tests also use).
+- Decode, one query per sequence against its ring ``[B, W, H_kv, D]``: PyTorch's scaled_dot_product_attention with
+  the decode mask's per-sequence key lengths as a key-padding mask (the same semantics as
+  ``BlockDiagonalCausalWithOffsetPaddedKeysMask``; several times faster than xFormers' padded-keys call at B=1),
+  on every device, so CPU tests run the very code the GPU runs.
+
+Grouped query heads share their kv head: query head h reads kv head ``h // (H_q // H_kv)``, as in repeat_kv.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
-_xformers_cuda_ok: bool | None = None  # None: not tried yet
+
+class _XformersForward:
+    """xFormers' forward operator per mask type, chosen once. ``None`` means xFormers cannot run here."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._ops: dict[type, object] = {}
+
+    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias, scaling: float):
+        from xformers.ops import fmha
+
+        inputs = fmha.Inputs(query=query, key=keys, value=values, attn_bias=bias, p=0.0, scale=scaling)
+        inputs.validate_inputs()
+        output_shape = inputs.normalize_bmhk()
+        op = self._ops.get(type(bias))
+        if op is None:
+            op = self._ops[type(bias)] = _choose_operator(fmha, inputs)
+            logger.info("xFormers operator for %s: %s", type(bias).__name__, op.NAME)
+        out, *_ = op.apply(inputs, needs_gradient=False)
+        return out.reshape(output_shape)
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float) -> torch.Tensor:
-    """Masked attention for one layer: ``[T, H_q, D]`` out."""
-    if query.is_cuda and _xformers_usable():
+def _choose_operator(fmha, inputs):
+    """xFormers' own dispatch; where it refuses everything only because its compiled extension did not load
+    (torch built for another CUDA), take the flash operator that runs on PyTorch's own kernels."""
+    try:
+        return fmha.dispatch._dispatch_fw(inputs, False)
+    except NotImplementedError as refusal:
+        flash = fmha.flash.FwOp
+        reasons = [r for r in flash.not_supported_reasons(inputs) if "wasn't build with CUDA" not in r]
+        if flash.NAME.endswith("-pt") and not reasons:
+            logger.warning(
+                "xFormers' compiled extension is not loaded; using its PyTorch-backed flash operator %s.", flash.NAME
+            )
+            return flash
+        raise refusal
+
+
+_xformers = _XformersForward()
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Use the exact dense kernel for prefill phases even on CUDA (to compare the two paths)."""
+    previous, _xformers.enabled = _xformers.enabled, False
+    try:
+        yield
+    finally:
+        _xformers.enabled = previous
+
+
+def attend_packed(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float
+) -> torch.Tensor:
+    """Prefill attention over packed tokens with the plan's block-diagonal mask: ``[T, H_q, D]`` out."""
+    if query.is_cuda and _xformers.enabled:
         try:
-            return _xformers_attention(query, keys, values, plan, scaling)
-        except (NotImplementedError, RuntimeError, ValueError) as error:
-            _disable_xformers(error)
+            return _grouped_xformers(query, keys, values, plan, scaling)
+        except (ImportError, NotImplementedError) as error:
+            _xformers.enabled = False
+            logger.warning("xFormers attention cannot run here (%s); using the exact fallback kernel.", error)
     return dense_attention(query, keys, values, plan.dense_mask(query.device), scaling)
+
+
+def _grouped_xformers(query, keys, values, plan, scaling):
+    num_queries, query_heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    group = query_heads // kv_heads
+    q = query.view(1, num_queries, kv_heads, group, head_dim)  # [1, M, G, H, K]
+    k = keys.view(1, keys.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
+    v = values.view(1, values.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
+    out = _xformers(q, k, v, plan.mask(query.device), scaling)
+    return out.view(num_queries, query_heads, head_dim)
 
 
 def dense_attention(
@@ -40,36 +113,21 @@ def dense_attention(
     return out.reshape(num_queries, query_heads, head_dim).to(query.dtype)
 
 
-def _xformers_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float
+def attend_ring(
+    query: torch.Tensor,
+    ring_keys: torch.Tensor,
+    ring_values: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    scaling: float,
 ) -> torch.Tensor:
-    """xFormers' memory-efficient attention in its 5-D grouped layout ``[1, M, G, H, K]``: no copy of K/V per head."""
-    from xformers.ops import memory_efficient_attention
+    """Decode attention: ``query [B, H_q, 1, D]`` over each sequence's ring ``[B, W, H_kv, D]``.
 
-    num_queries, query_heads, head_dim = query.shape
-    kv_heads = keys.shape[1]
-    group = query_heads // kv_heads
-    q = query.view(1, num_queries, kv_heads, group, head_dim)
-    k = keys.view(1, keys.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
-    v = values.view(1, values.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
-    out = memory_efficient_attention(q, k, v, attn_bias=plan.mask(query.device), scale=scaling)
-    return out.view(num_queries, query_heads, head_dim)
-
-
-def _xformers_usable() -> bool:
-    global _xformers_cuda_ok
-    if _xformers_cuda_ok is None:
-        try:
-            import xformers.ops  # noqa: F401
-
-            _xformers_cuda_ok = True
-        except ImportError as error:
-            _disable_xformers(error)
-    return bool(_xformers_cuda_ok)
-
-
-def _disable_xformers(error: BaseException) -> None:
-    """Fall back for the rest of the process, once, with a warning that says why."""
-    global _xformers_cuda_ok
-    _xformers_cuda_ok = False
-    logger.warning("xFormers attention is unavailable here (%s); using the exact fallback kernel.", error)
+    ``key_padding`` is ``[B, 1, 1, W]``, True for the slots a sequence has filled (``None``: every ring is full).
+    Returns ``[B, 1, H_q, D]``.
+    """
+    keys = ring_keys.transpose(1, 2)  # [B, H_kv, W, D], a view
+    values = ring_values.transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=key_padding, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+    )
+    return out.transpose(1, 2)

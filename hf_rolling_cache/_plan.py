@@ -112,6 +112,19 @@ class StepPlan:
             self._per_device[key] = bias
         return self._per_device[key]
 
+    def key_padding(self, device: torch.device) -> torch.Tensor | None:
+        """Decode: ``[B, 1, 1, window]``, True for the ring slots each sequence has filled (the decode mask's
+        ``kv_seqlen`` as a key-padding mask); ``None`` once every ring is full and nothing needs masking."""
+        assert self.phase is Phase.DECODE, "key_padding is the decode mask's"
+        if min(self.kv_seqlens) == self.window:
+            return None
+        key = ("key_padding", device)
+        if key not in self._per_device:
+            kv_seqlens = self.mask(device).k_seqinfo.seqlen  # [B] on device, built with the mask
+            slots = torch.arange(self.window, device=device)
+            self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.window)
+        return self._per_device[key]
+
     def dense_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The mask materialized as a [num_queries, num_keys] float tensor of 0 and -inf (the exact oracle)."""
         device = torch.device(device)

@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ._kernels import attend
+from ._kernels import attend_packed, attend_ring
 from ._plan import Phase, StepPlan, build_plan, query_layout
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache, StagedKV
 
@@ -113,23 +113,23 @@ def rolling_attention_forward(
 
     plan = attention_mask.plan_for(cache)
     indices = plan.indices(query.device)
+
+    if plan.phase is Phase.DECODE:  # one real token per sequence: write it, then attend over the whole ring
+        layer.write(new_keys[:, :, 0], new_values[:, :, 0], indices)
+        out = attend_ring(query, layer.keys, layer.values, plan.key_padding(query.device), scaling)
+        cache.layer_written(plan, key.layer_idx)
+        return out, None
+
     packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
     packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]
     packed_values = _pack(new_values, indices.query_index)
-
-    if plan.phase is Phase.DECODE:  # write, then attend over the whole ring
-        layer.write(packed_keys, packed_values, indices)
-        keys, values = layer.flat()
-    elif plan.phase is Phase.SUBSEQUENT_PREFILL:  # attend over the unrotated cache ++ the chunk, then write
+    if plan.phase is Phase.SUBSEQUENT_PREFILL:  # the unrotated cache ++ the chunk
         keys, values = layer.unrotated_with(packed_keys, packed_values, plan, indices)
-    else:  # first chunk: attend within it, then write
+    else:  # first chunk: nothing cached yet
         keys, values = packed_keys, packed_values
-
-    out = attend(packed_query, keys, values, plan, scaling)
-
-    if cache is not None:
-        if plan.phase is not Phase.DECODE:
-            layer.write(packed_keys, packed_values, indices)
+    out = attend_packed(packed_query, keys, values, plan, scaling)
+    if cache is not None:  # attend, then write
+        layer.write(packed_keys, packed_values, indices)
         cache.layer_written(plan, key.layer_idx)
     return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
 

@@ -61,3 +61,22 @@ def test_rolling_attention_refuses_a_4d_mask():
     input_ids, _ = ragged_batch([3])
     with pytest.raises(ValueError, match="2D padding mask"):
         rolling(input_ids=input_ids, attention_mask=torch.zeros(1, 1, 3, 3), use_cache=False)
+
+
+@pytest.mark.parametrize("kv_seqlens", [(3, 2, 3), (1, 4, 2), (4, 4, 4)])
+def test_ring_decode_kernel_equals_the_padded_keys_mask(kv_seqlens):
+    """The decode kernel (SDPA with a key-padding mask) against BlockDiagonalCausalWithOffsetPaddedKeysMask."""
+    from hf_rolling_cache._kernels import attend_ring
+
+    window, batch = 4, 3
+    seen = [n - 1 if n < window else n + 5 for n in kv_seqlens]  # seen + 1 tokens after this step's write
+    plan = build_plan(window=window, q_length=1, q_seqlens=[1] * batch, seen=seen)
+    assert plan.kv_seqlens == kv_seqlens
+    torch.manual_seed(0)
+    query = torch.randn(batch, 4, 1, 8)
+    ring_keys, ring_values = torch.randn(batch, window, 2, 8), torch.randn(batch, window, 2, 8)
+    got = attend_ring(query, ring_keys, ring_values, plan.key_padding(torch.device("cpu")), 0.3)  # [B, 1, H, D]
+    expected = dense_attention(
+        query[:, :, 0], ring_keys.reshape(-1, 2, 8), ring_values.reshape(-1, 2, 8), plan.dense_mask(), 0.3
+    )
+    torch.testing.assert_close(got[:, 0], expected, rtol=1e-5, atol=1e-5)

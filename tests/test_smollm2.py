@@ -38,5 +38,7 @@ def test_real_weights_parity(models):
         **options, past_key_values=RollingSlidingWindowCache(config=rolling.config), prefill_chunk_size=16
     )
     assert torch.equal(got.sequences, expected.sequences)
+    # fp32 through 30 layers, summed in a different order than eager: allow 1e-4 of the logits' scale
+    scale = max(s.abs().max().item() for s in expected.scores)
     worst = max((a - b).abs().max().item() for a, b in zip(got.scores, expected.scores))
-    assert worst < 1e-3, worst
+    assert worst < 1e-4 * scale, (worst, scale)
