@@ -5,9 +5,10 @@
 
 from .attention import register as _register
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
+from .graphs import release_cuda_graphs, use_cuda_graphs
 from .smollm2 import load_smollm2
 
 _register()
 
-__all__ = ["ATTENTION_NAME", "RollingSlidingWindowCache", "load_smollm2"]
+__all__ = ["ATTENTION_NAME", "RollingSlidingWindowCache", "load_smollm2", "release_cuda_graphs", "use_cuda_graphs"]
 __version__ = "0.1.0"

@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 class _XformersForward:
-    """xFormers' forward operator per mask type, chosen once. ``None`` means xFormers cannot run here."""
+    """xFormers' forward operator, chosen once per mask type, dtype and head size rather than on every call."""
 
     def __init__(self) -> None:
         self.enabled = True
-        self._ops: dict[type, object] = {}
+        self._ops: dict[tuple, object] = {}
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias, scaling: float):
         from xformers.ops import fmha
@@ -39,9 +39,10 @@ class _XformersForward:
         inputs = fmha.Inputs(query=query, key=keys, value=values, attn_bias=bias, p=0.0, scale=scaling)
         inputs.validate_inputs()
         output_shape = inputs.normalize_bmhk()
-        op = self._ops.get(type(bias))
+        key = (type(bias), query.dtype, query.shape[-1], query.device)
+        op = self._ops.get(key)
         if op is None:
-            op = self._ops[type(bias)] = _choose_operator(fmha, inputs)
+            op = self._ops[key] = _choose_operator(fmha, inputs)
             logger.info("xFormers operator for %s: %s", type(bias).__name__, op.NAME)
         out, *_ = op.apply(inputs, needs_gradient=False)
         return out.reshape(output_shape)

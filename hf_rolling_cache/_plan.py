@@ -112,6 +112,10 @@ class StepPlan:
             self._per_device[key] = bias
         return self._per_device[key]
 
+    def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, None]:
+        """Decode: the flat ring rows written this step (every sequence has a token)."""
+        return self.indices(device).write_slot, None
+
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
         """Decode: ``[B, 1, 1, window]``, True for the ring slots each sequence has filled (the decode mask's
         ``kv_seqlen`` as a key-padding mask); ``None`` once every ring is full and nothing needs masking."""
@@ -227,3 +231,39 @@ def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: i
     if padding_mask.shape[1] == q_length:
         return q_seqlens, None
     return q_seqlens, history
+
+
+@dataclass(eq=False)
+class DeviceDecodePlan:
+    """A decode step planned on the device, for CUDA graphs: the same step as a `StepPlan` decode (write each
+    sequence's token at slot ``seen % window``, then attend over its first ``min(seen + 1, window)`` slots), but
+    computed from the cache's device counters, with no host sync and static shapes. A row whose column is padding
+    (``real == 0``) writes nothing and does not advance."""
+
+    window: int
+    seen: torch.Tensor  # [B] int64: real tokens per sequence before this step (the cache's own buffer)
+    real: torch.Tensor  # [B] int64: 1 where the sequence has a token in this step
+    phase = Phase.DECODE
+    q_length = 1
+    _per_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seen.numel()
+
+    def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat ring rows written this step, and the rows' real flags."""
+        key = ("slots", device)
+        if key not in self._per_device:
+            seen, real = self.seen.to(device), self.real.to(device)
+            rows = torch.arange(self.batch_size, device=device) * self.window
+            self._per_device[key] = (rows + seen % self.window, real)
+        return self._per_device[key]
+
+    def key_padding(self, device: torch.device) -> torch.Tensor:
+        key = ("key_padding", device)
+        if key not in self._per_device:
+            filled = (self.seen.to(device) + self.real.to(device)).clamp(1, self.window)  # >= 1: no empty softmax
+            slots = torch.arange(self.window, device=device)
+            self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.window)
+        return self._per_device[key]

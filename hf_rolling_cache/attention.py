@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ._kernels import attend_packed, attend_ring
-from ._plan import Phase, StepPlan, build_plan, query_layout
+from ._plan import DeviceDecodePlan, Phase, StepPlan, build_plan, query_layout
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache, StagedKV
 
 
@@ -27,9 +27,10 @@ class RollingMask:
     q_length: int
     config_window: int | None
     padding_mask: torch.Tensor | None  # Transformers' 2D mask, True for real tokens
-    _plan: StepPlan | None = field(default=None, repr=False)
+    device: torch.device | None = None
+    _plan: StepPlan | DeviceDecodePlan | None = field(default=None, repr=False)
 
-    def plan_for(self, cache: RollingSlidingWindowCache | None) -> StepPlan:
+    def plan_for(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
         if self._plan is None:
             self._plan = self._build(cache)
         return self._plan
@@ -48,6 +49,9 @@ class RollingMask:
                 "rolling_xformers needs a sliding window, and the model config has none: set "
                 "model.config.sliding_window (or use hf_rolling_cache.enable(model, window=W))."
             )
+        if cache is not None and cache.decode_on_device and self.q_length == 1 and cache.get_seq_length() > 0:
+            device = self.device or (self.padding_mask.device if self.padding_mask is not None else cache.layers[0].device)
+            return cache.device_decode_plan(self.padding_mask, device)
         q_seqlens, history = query_layout(self.padding_mask, self.batch_size, self.q_length)
         seen = cache.seen_for(self.batch_size) if cache is not None else (0,) * self.batch_size
         plan = build_plan(window=window, q_length=self.q_length, q_seqlens=q_seqlens, seen=seen)
@@ -73,6 +77,7 @@ def rolling_mask_interface(
         q_length=q_length,
         config_window=getattr(config, "sliding_window", None),
         padding_mask=attention_mask,
+        device=kwargs.get("device"),
     )
 
 
@@ -112,14 +117,14 @@ def rolling_attention_forward(
         scaling = query.shape[-1] ** -0.5
 
     plan = attention_mask.plan_for(cache)
-    indices = plan.indices(query.device)
-
-    if plan.phase is Phase.DECODE:  # one real token per sequence: write it, then attend over the whole ring
-        layer.write(new_keys[:, :, 0], new_values[:, :, 0], indices)
+    if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over the whole ring
+        slots, real = plan.decode_slots(query.device)
+        layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, real)
         out = attend_ring(query, layer.keys, layer.values, plan.key_padding(query.device), scaling)
         cache.layer_written(plan, key.layer_idx)
         return out, None
 
+    indices = plan.indices(query.device)
     packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
     packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]
     packed_values = _pack(new_values, indices.query_index)

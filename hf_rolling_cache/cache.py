@@ -13,18 +13,50 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._plan import PlanIndices, StepPlan
+from ._plan import DeviceDecodePlan, PlanIndices, StepPlan
 from ._ring import slot_positions
 
 ATTENTION_NAME = "rolling_xformers"
 
 
 class _Progress:
-    """Counters shared by a cache and its layers: real tokens per sequence, and columns (padding included)."""
+    """Counters shared by a cache and its layers: real tokens per sequence, and columns (padding included).
+
+    A decode step planned on the device (`DeviceDecodePlan`, the one a CUDA graph replays) advances ``device_seen``
+    in place, without a host sync; the host list catches up lazily, the first time it is read.
+    """
 
     def __init__(self) -> None:
-        self.seen: list[int] = []  # empty until the first forward fixes the batch size
+        self._seen: list[int] = []  # empty until the first forward fixes the batch size
         self.columns = 0
+        self.device_seen: torch.Tensor | None = None  # [B] int64; ahead of the host list while `_host_stale`
+        self._host_stale = False
+
+    @property
+    def seen(self) -> list[int]:
+        if self._host_stale:
+            self._seen = self.device_seen.tolist()
+            self._host_stale = False
+        return self._seen
+
+    @seen.setter
+    def seen(self, values: list[int]) -> None:
+        self._seen = list(values)
+        self._host_stale = False
+        if self.device_seen is not None:
+            if self.device_seen.numel() == len(self._seen):  # in place: a captured graph reads this very buffer
+                self.device_seen.copy_(torch.tensor(self._seen, dtype=torch.long))
+            else:
+                self.device_seen = None
+
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """The counters as a device tensor, made once and then kept in step with the host list."""
+        if self.device_seen is None or self.device_seen.device != device:
+            self.device_seen = torch.tensor(self.seen, dtype=torch.long, device=device)
+        return self.device_seen
+
+    def advanced_on_device(self) -> None:
+        self._host_stale = True
 
 
 class RollingLayer(CacheLayerMixin):
@@ -71,6 +103,19 @@ class RollingLayer(CacheLayerMixin):
         _, _, heads, head_dim = self.keys.shape
         return self.keys.view(-1, heads, head_dim), self.values.view(-1, heads, head_dim)
 
+    def write_decode(
+        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, real: torch.Tensor | None
+    ) -> None:
+        """Write one token per sequence (``[B, H_kv, D]``) into ``slots``; where ``real`` is 0 the slot keeps its
+        value, so a padded row changes nothing."""
+        ring_keys, ring_values = self.flat()
+        if real is not None:
+            keep = real.view(-1, 1, 1).bool()
+            keys = torch.where(keep, keys, ring_keys.index_select(0, slots))
+            values = torch.where(keep, values, ring_values.index_select(0, slots))
+        ring_keys.index_copy_(0, slots, keys)
+        ring_values.index_copy_(0, slots, values)
+
     def write(self, keys: torch.Tensor, values: torch.Tensor, indices: PlanIndices) -> None:
         """Write packed new tokens ``[T, H_kv, D]`` into their slots, in place: one slot per kept token."""
         ring_keys, ring_values = self.flat()
@@ -113,7 +158,11 @@ class RollingLayer(CacheLayerMixin):
             self.values = self.values.index_select(0, rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
+        """Beam search: rows become ``beam_idx``'s, in place (the storage, and a graph reading it, stay valid)."""
+        if self.is_initialized:
+            rows = beam_idx.to(self.device)
+            self.keys.copy_(self.keys.index_select(0, rows))
+            self.values.copy_(self.values.index_select(0, rows))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(indices)
@@ -189,7 +238,10 @@ class RollingSlidingWindowCache(Cache):
         self.config = config
         self._progress = _Progress()
         self._open: _OpenStep | None = None
-        self.last_plan: StepPlan | None = None
+        self.last_plan: StepPlan | DeviceDecodePlan | None = None
+        self.decode_on_device = False  # plan decode steps on the device (set by CUDA graph decoding)
+        self._step_real: torch.Tensor | None = None  # [B] this decode step's real flags, a static buffer
+        self._decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
         super().__init__(layers=[RollingLayer(window, self._progress) for _ in range(num_layers)])
 
     def __repr__(self) -> str:
@@ -247,13 +299,42 @@ class RollingSlidingWindowCache(Cache):
                 )
         self._open = _OpenStep(plan)
 
+    def device_decode_plan(self, padding_mask: torch.Tensor | None, device: torch.device) -> DeviceDecodePlan:
+        """Open a decode step planned on the device: no host sync, static shapes (what a CUDA graph captures).
+
+        ``padding_mask`` is the whole 2D mask (``[B, columns + 1]``) or this step's column alone (``[B, 1]``).
+        """
+        self._check_usable()
+        batch = len(self._progress.seen)
+        if padding_mask is not None and padding_mask.shape[1] not in (1, self._progress.columns + 1):
+            raise ValueError(
+                f"The attention_mask has {padding_mask.shape[1]} columns, but this cache has processed "
+                f"{self._progress.columns} and a decode step brings 1. Pass the mask of the whole conversation so "
+                "far (as generate does), or a new cache for a new batch."
+            )
+        if padding_mask is not None and padding_mask.shape[0] != batch:
+            raise ValueError(f"This cache holds a batch of {batch} sequences, not {padding_mask.shape[0]}.")
+        if self._step_real is None or self._step_real.device != device or self._step_real.numel() != batch:
+            self._step_real = torch.ones(batch, dtype=torch.long, device=device)
+        if padding_mask is None:
+            self._step_real.fill_(1)
+        else:
+            self._step_real.copy_(padding_mask[:, -1])
+        plan = DeviceDecodePlan(window=self.window, seen=self._progress.on_device(device), real=self._step_real)
+        self._open = _OpenStep(plan)
+        return plan
+
     def layer_written(self, plan: StepPlan, layer_idx: int) -> None:
         """Count a layer's ring as written; once every layer has written, the forward is committed."""
         step = self._open
         assert step is not None and step.plan is plan, "layer_written outside the forward that planned it"
         step.written.add(layer_idx)
         if len(step.written) == len(self.layers):
-            self._progress.seen = list(plan.seen_after)
+            if isinstance(plan, DeviceDecodePlan):
+                plan.seen.add_(plan.real)  # on the device, no sync (captured into a CUDA graph too)
+                self._progress.advanced_on_device()
+            else:
+                self._progress.seen = list(plan.seen_after)
             self._progress.columns += plan.q_length
             self._open = None
             self.last_plan = plan
@@ -312,6 +393,7 @@ class RollingSlidingWindowCache(Cache):
         self._progress.columns = 0
         self._open = None
         self.last_plan = None
+        self._decode_graph = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder sequences (beam search): row i becomes old row ``beam_idx[i]``."""

@@ -87,3 +87,25 @@ def test_seeded_sampling_parity(window, chunk):
         **options, past_key_values=RollingSlidingWindowCache(config=rolling.config), prefill_chunk_size=chunk
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("window,prompts,chunk", [(4, "ragged", None), (3, "seed", 1), (8, "ragged", 1), (16, "equal", 5)])
+def test_decode_planned_on_the_device_matches(window, prompts, chunk):
+    """The decode plan a CUDA graph replays (device counters, padded rows masked in place) gives the same
+    tokens and logits; chunk 1 sends decode-shaped prefill steps with padding through it."""
+    lengths = prompt_sets(window)[prompts]
+    expected = reference_run(window, tuple(lengths))
+    _, rolling = models(window)
+    input_ids, attention_mask = ragged_batch(lengths, seed=len(lengths))
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    cache.decode_on_device = True
+    got = rolling.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, prefill_chunk_size=chunk,
+        max_new_tokens=3 * window + 2, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert type(cache.last_plan).__name__ == "DeviceDecodePlan"
+    assert cache.seen == [n + 3 * window + 1 for n in lengths]  # the host list catches up from the device

@@ -1,0 +1,205 @@
+"""Rolling cache + attention against Transformers' own caches: decode speed, prefill time and memory.
+
+    python benchmarks/gpu_bench.py decode  --batch 1 8 --prompt 6000 --new 128
+    python benchmarks/gpu_bench.py prefill --batch 1 --prompt 32768
+    python benchmarks/gpu_bench.py sweep   --new 16384 --every 1024
+    python benchmarks/gpu_bench.py grid    --batch 1 8 32 --prompt 2048 8192 32768
+    python benchmarks/gpu_bench.py decode --tiny      # a small random model, runs on CPU in seconds
+
+Mistral-7B shape (`MistralConfig()` defaults, sliding_window 4096) with random bf16 weights, prompts of random tokens,
+greedy. Prints a table and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+import hf_rolling_cache
+from hf_rolling_cache import RollingSlidingWindowCache
+
+PATHS = {
+    # name: (attention implementation, cache factory or None for Transformers' default, prefill chunk)
+    "rolling": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
+    "rolling_graphs": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
+    "hf_dynamic_sdpa": ("sdpa", lambda model: DynamicCache(config=model.config), None),
+    "hf_dynamic_sdpa_chunk": ("sdpa", lambda model: DynamicCache(config=model.config), "window"),
+}
+
+
+@dataclass
+class Result:
+    path: str
+    batch: int
+    prompt: int
+    new_tokens: int
+    ttft_s: float | None = None
+    decode_tok_s: float | None = None
+    peak_above_weights_gib: float | None = None
+    kv_cache_gib: float | None = None
+    error: str | None = None
+
+
+def build_model(tiny: bool, device: str) -> MistralForCausalLM:
+    if tiny:
+        config = MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
+        dtype = torch.float32
+    else:
+        config = MistralConfig()  # Mistral-7B: 32 layers, 32 heads, 8 kv heads, window 4096
+        dtype = torch.bfloat16
+    config.max_position_embeddings = 1 << 20
+    config.bos_token_id = config.eos_token_id = None
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = MistralForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    return model
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, RollingSlidingWindowCache):
+        return cache.memory_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+def run_generate(model, path, input_ids, new_tokens, device):
+    implementation, make_cache, chunk = PATHS[path]
+    model.set_attn_implementation(implementation)
+    if path == "rolling_graphs" and device.startswith("cuda"):
+        hf_rolling_cache.use_cuda_graphs(model)  # decode steps replay one captured CUDA graph per cache
+    else:
+        hf_rolling_cache.release_cuda_graphs(model)
+    cache = make_cache(model)
+    chunk_size = model.config.sliding_window if chunk == "window" else None
+    sync(device)
+    start = time.perf_counter()
+    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   prefill_chunk_size=chunk_size, pad_token_id=0)
+    sync(device)
+    return time.perf_counter() - start, cache
+
+
+def measure(model, path, batch, prompt, new_tokens, device, weights_bytes) -> Result:
+    result = Result(path, batch, prompt, new_tokens)
+    input_ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        ttft, _ = run_generate(model, path, input_ids, 1, device)
+        if device.startswith("cuda"):
+            result.peak_above_weights_gib = (torch.cuda.max_memory_allocated() - weights_bytes) / 2**30
+        result.ttft_s = ttft
+        if new_tokens > 1:
+            total, cache = run_generate(model, path, input_ids, new_tokens, device)
+            result.decode_tok_s = batch * (new_tokens - 1) / (total - ttft)
+            result.kv_cache_gib = cache_bytes(cache) / 2**30
+    except torch.OutOfMemoryError:
+        result.error = "OOM"
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(format_row(result), flush=True)
+    return result
+
+
+def format_row(r: Result) -> str:
+    def f(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    return (f"{r.path:24s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
+            f"decode={f(r.decode_tok_s, '.1f')} tok/s peak-weights={f(r.peak_above_weights_gib, '.2f')} GiB "
+            f"kv={f(r.kv_cache_gib, '.3f')} GiB {r.error or ''}")
+
+
+def sweep(model, new_tokens, every, device):
+    """Per-token decode time and memory along one long generation (rolling path, B=1)."""
+    from tqdm import tqdm
+
+    model.set_attn_implementation("rolling_xformers")
+    if device.startswith("cuda"):
+        hf_rolling_cache.use_cuda_graphs(model)
+    cache = RollingSlidingWindowCache(config=model.config)
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 128), device=device)
+    points, bar = [], tqdm(total=new_tokens, desc="sweep", file=sys.stderr)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, past_key_values=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        start, produced = time.perf_counter(), 0
+        while produced < new_tokens:
+            out = model(input_ids=token, past_key_values=cache)
+            token = out.logits[:, -1:].argmax(-1)
+            produced += 1
+            bar.update(1)
+            if produced % every == 0:
+                sync(device)
+                now = time.perf_counter()
+                allocated = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+                points.append(dict(tokens=produced, ms_per_token=1000 * (now - start) / every,
+                                   cache_bytes=cache.memory_bytes(), allocated_bytes=allocated))
+                print(f"tokens={produced:6d} {points[-1]['ms_per_token']:.2f} ms/token "
+                      f"cache={cache.memory_bytes()} allocated={allocated}", flush=True)
+                start = time.perf_counter()
+    bar.close()
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["decode", "prefill", "sweep", "grid"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--prompt", type=int, nargs="+", default=[6000])
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--every", type=int, default=1024)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--tiny", action="store_true", help="a small random model (CPU-friendly smoke run)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args.tiny, device)
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    print(f"{machine}; torch {torch.__version__}; weights {weights_bytes / 2**30:.2f} GiB", flush=True)
+
+    # warm-up (kernels, xFormers operator choice), reported and not counted
+    start = time.perf_counter()
+    for path in args.paths:
+        run_generate(model, path, torch.randint(1, 100, (1, 64), device=device), 4, device)
+    print(f"warm-up {time.perf_counter() - start:.1f} s", flush=True)
+
+    results: dict = dict(machine=machine, torch=torch.__version__, hf_rolling_cache=hf_rolling_cache.__version__,
+                         mode=args.mode, rows=[])
+    if args.mode == "sweep":
+        results["rows"] = sweep(model, args.new, args.every, device)
+    else:
+        new_tokens = 1 if args.mode == "prefill" else args.new
+        for prompt in args.prompt:
+            for batch in args.batch:
+                for path in args.paths:
+                    row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes)
+                    results["rows"].append(asdict(row))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

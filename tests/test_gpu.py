@@ -1,0 +1,118 @@
+"""On CUDA (the device machine): bf16 teacher-forced logits of the xFormers path against the exact-kernel path and
+Transformers' sdpa path. Skipped without a GPU (see conftest)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache import _kernels
+from tests.conftest import ragged_batch, tiny_config
+
+pytestmark = pytest.mark.gpu
+
+WINDOW = 16
+LENGTHS = [37, 2, 19, 64]  # ragged, and longer than the window
+
+
+def gpu_model(dtype):
+    config = tiny_config(WINDOW, kv_heads=2, heads=8, head_dim=64, layers=4, vocab=1000)
+    config.hidden_size, config.intermediate_size = 256, 512
+    torch.manual_seed(0)
+    from transformers import MistralForCausalLM
+
+    return MistralForCausalLM(config).eval().to("cuda", dtype)
+
+
+@torch.no_grad()
+def teacher_forced(model, make_cache, chunk, continuation):
+    """Logits of every step: the prompt in column chunks (as generate does), then the fixed continuation."""
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    cache = make_cache(model)
+    width = input_ids.shape[1]
+    logits = []
+    for start in range(0, width, chunk or width):
+        end = min(width, start + (chunk or width))
+        out = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end], past_key_values=cache)
+    logits.append(out.logits[:, -1].float())
+    for column in continuation.T.cuda():
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=column[:, None], attention_mask=attention_mask, past_key_values=cache)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits)
+
+
+def rolling_cache(model):
+    return RollingSlidingWindowCache(config=model.config)
+
+
+def dynamic_cache(model):
+    return DynamicCache(config=model.config)
+
+
+@pytest.mark.parametrize("chunk", [None, 8, WINDOW])
+def test_bf16_logits_agree_with_the_exact_kernel_and_sdpa(chunk):
+    continuation = torch.randint(1, 1000, (len(LENGTHS), 3 * WINDOW), generator=torch.Generator().manual_seed(5))
+    model = gpu_model(torch.bfloat16)
+    model.set_attn_implementation("rolling_xformers")
+    xformers_logits = teacher_forced(model, rolling_cache, chunk, continuation)
+    assert _kernels._xformers.enabled, "the xFormers kernel fell back"
+    with _kernels.exact_kernels():
+        exact_logits = teacher_forced(model, rolling_cache, chunk, continuation)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    sdpa_logits = teacher_forced(sdpa, dynamic_cache, chunk, continuation)
+    fp32 = copy.deepcopy(model).float()
+    fp32.set_attn_implementation("eager")
+    truth = teacher_forced(fp32, dynamic_cache, chunk, continuation)
+
+    def error(logits):
+        return (logits - truth).abs().max().item()
+
+    scale = truth.abs().max().item()
+    print(f"chunk={chunk} scale={scale:.3f} xformers={error(xformers_logits):.4f} "
+          f"exact={error(exact_logits):.4f} sdpa={error(sdpa_logits):.4f}")
+    # bf16 tolerance: the rolling path's error against fp32 is of the order of Transformers' own bf16 path's
+    assert error(xformers_logits) <= 2 * error(sdpa_logits) + 1e-2 * scale
+    assert error(exact_logits) <= 2 * error(sdpa_logits) + 1e-2 * scale
+    assert (xformers_logits - exact_logits).abs().max().item() <= 2e-2 * scale
+
+
+def test_generate_on_gpu_matches_sdpa_tokens_in_fp32():
+    model = gpu_model(torch.float32)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    model.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * WINDOW, do_sample=False,
+                   pad_token_id=0)
+    expected = sdpa.generate(**options)
+    got = model.generate(**options, past_key_values=rolling_cache(model), prefill_chunk_size=WINDOW)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("chunk,beams", [(None, 1), (1, 1), (WINDOW, 2)])
+def test_cuda_graph_decoding_matches_eager(chunk, beams):
+    """Replayed decode steps give the eager rolling path's tokens and logits (chunk 1: padded decode-shaped
+    prefill steps go through the graph; beams: rows are reordered in place under the graph)."""
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+
+    model = gpu_model(torch.bfloat16)
+    model.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * WINDOW, do_sample=False,
+                   num_beams=beams, prefill_chunk_size=chunk, output_scores=True, return_dict_in_generate=True,
+                   pad_token_id=0)
+    eager = model.generate(**options, past_key_values=rolling_cache(model))
+    use_cuda_graphs(model)
+    try:
+        cache = rolling_cache(model)
+        graphed = model.generate(**options, past_key_values=cache)
+        assert cache._decode_graph is not None, "no decode step was replayed"
+    finally:
+        release_cuda_graphs(model)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    worst = max((a - b).abs().max().item() for a, b in zip(graphed.scores, eager.scores) if torch.isfinite(a).all())
+    assert worst <= 1e-2 * max(s[torch.isfinite(s)].abs().max().item() for s in eager.scores)
