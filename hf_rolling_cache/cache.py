@@ -49,6 +49,11 @@ class _Progress:
             else:
                 self.device_seen = None
 
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (0 before the first forward); known on the host even while the counters are not."""
+        return len(self._seen)
+
     def on_device(self, device: torch.device) -> torch.Tensor:
         """The counters as a device tensor, made once and then kept in step with the host list."""
         if self.device_seen is None or self.device_seen.device != device:
@@ -264,10 +269,10 @@ class RollingSlidingWindowCache(Cache):
                 "`import hf_rolling_cache`, or use Transformers' own caches with other attention implementations."
             )
         self._check_usable(layer_idx)
-        seen = self._progress.seen
-        if seen and key_states.shape[0] != len(seen):
+        batch = self._progress.batch_size
+        if batch and key_states.shape[0] != batch:
             raise ValueError(
-                f"This cache holds a batch of {len(seen)} sequences but the model was called with a batch of "
+                f"This cache holds a batch of {batch} sequences but the model was called with a batch of "
                 f"{key_states.shape[0]}. A RollingSlidingWindowCache serves one batch: create a new cache "
                 "(or call cache.reset()) for another batch."
             )
@@ -305,7 +310,7 @@ class RollingSlidingWindowCache(Cache):
         ``padding_mask`` is the whole 2D mask (``[B, columns + 1]``) or this step's column alone (``[B, 1]``).
         """
         self._check_usable()
-        batch = len(self._progress.seen)
+        batch = self._progress.batch_size
         if padding_mask is not None and padding_mask.shape[1] not in (1, self._progress.columns + 1):
             raise ValueError(
                 f"The attention_mask has {padding_mask.shape[1]} columns, but this cache has processed "

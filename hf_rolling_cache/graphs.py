@@ -33,7 +33,7 @@ def use_cuda_graphs(model: torch.nn.Module) -> None:
     def forward(*args, **kwargs):
         cache = kwargs.get("past_key_values")
         if not args and _replayable(cache, kwargs):
-            return _decode_graph(cache, eager_forward, kwargs).run(kwargs)
+            return _decode_graph(cache, eager_forward, kwargs).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
@@ -80,7 +80,7 @@ class _DecodeGraph:
 
     def __init__(self, cache: RollingSlidingWindowCache, eager_forward, input_ids: torch.Tensor, options: dict):
         batch, device = input_ids.shape[0], input_ids.device
-        self.cache, self.options = cache, options
+        self.options = options  # the graph keeps no reference to its cache: the cache owns the graph
         self.input_ids = input_ids.clone()
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
@@ -122,8 +122,7 @@ class _DecodeGraph:
             and self._buffers(cache) == self.buffers
         )
 
-    def run(self, kwargs: dict) -> CausalLMOutputWithPast:
-        cache = self.cache
+    def run(self, cache: RollingSlidingWindowCache, kwargs: dict) -> CausalLMOutputWithPast:
         cache._check_usable()
         attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
         if attention_mask is not None and attention_mask.shape[1] != cache.get_seq_length() + 1:
