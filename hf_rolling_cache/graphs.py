@@ -55,6 +55,7 @@ def _replayable(cache, kwargs) -> bool:
         and input_ids.is_cuda
         and input_ids.shape[1] == 1
         and cache.get_seq_length() > 0
+        and all(layer.device == input_ids.device for layer in cache.layers if layer.is_initialized)
         and kwargs.get("inputs_embeds") is None
         and not kwargs.get("output_attentions")
         and not kwargs.get("output_hidden_states")
