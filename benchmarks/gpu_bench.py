@@ -196,13 +196,14 @@ def main() -> None:
         results["rows"] = sweep(model, args.new, args.every, device)
         save(results, args.json)
         return
+    from tqdm import tqdm
+
     new_tokens = 1 if args.mode == "prefill" else args.new
-    for prompt in args.prompt:
-        for batch in args.batch:
-            for path in args.paths:
-                row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes)
-                results["rows"].append(asdict(row))
-                save(results, args.json)  # after every row: a run cut short keeps what it measured
+    grid = [(prompt, batch, path) for prompt in args.prompt for batch in args.batch for path in args.paths]
+    for prompt, batch, path in tqdm(grid, desc=args.mode, file=sys.stderr):
+        row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes)
+        results["rows"].append(asdict(row))
+        save(results, args.json)  # after every row: a run cut short keeps what it measured
 
 
 def save(results: dict, path: str | None) -> None:

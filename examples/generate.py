@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache.smollm2 import load_smollm2
 
@@ -31,6 +32,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = load_smollm2(window=args.window, dtype=dtype)
     model.to(args.device)
+    if args.device.startswith("cuda"):
+        hf_rolling_cache.use_cuda_graphs(model)  # decode steps replay one captured CUDA graph
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
