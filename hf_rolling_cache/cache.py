@@ -295,6 +295,12 @@ class RollingSlidingWindowCache(Cache):
                 f"{self._progress.columns} and this forward brings {plan.q_length}. Pass the mask of the whole "
                 "conversation so far (as generate does), or a new cache for a new batch."
             )
+        if seen and mask_columns is None and any(s != self._progress.columns for s in seen):
+            raise ValueError(
+                f"This forward has no attention_mask, which says no sequence has padding, but this cache holds padded "
+                f"sequences ({list(seen)} real tokens in {self._progress.columns} columns). It belongs to another "
+                "batch: pass a new RollingSlidingWindowCache (or call cache.reset()), or pass the attention_mask."
+            )
         if seen and history is not None:
             if list(history) != list(seen):
                 raise ValueError(

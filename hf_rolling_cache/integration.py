@@ -1,0 +1,94 @@
+"""One switch for a model: `enable` makes plain ``model.generate`` (and so pipelines and Accelerate scripts, which
+call it) use the rolling attention with a fresh rolling cache and chunked prefill in every call; `disable` puts
+back exactly what `enable` changed."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel
+
+from .cache import ATTENTION_NAME, RollingSlidingWindowCache
+
+_STATE = "_hf_rolling_cache_enabled"
+# generate options that roll the cache back (they crop it), which a ring cannot do once it has wrapped
+_ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+@dataclass(frozen=True)
+class _Saved:
+    attn_implementation: str | None
+    sliding_window: int | None
+    prefill_chunk_size: int
+
+
+def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_size: int | None = None) -> None:
+    """Use the rolling cache in every ``model.generate`` call (pipelines and Accelerate scripts included).
+
+    Args:
+        window: the sliding window W. When given, it is written to ``model.config.sliding_window``: the model then
+            attends over W tokens in every path, the rolling one as Transformers' own (`disable` restores it).
+            By default the config's window is used; a config without one needs ``window``.
+        prefill_chunk_size: prompt tokens per prefill forward; by default the window, as in the seed articles.
+
+    Each call gets a fresh `RollingSlidingWindowCache` unless one is passed as ``past_key_values`` (to continue a
+    conversation). Assisted and prompt-lookup generation are refused before anything runs: they roll the cache back.
+    """
+    if is_enabled(model):
+        disable(model)
+    config = model.config
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+        raise ValueError(f"window must be a positive int, got {window!r}.")
+    if window is None and config.sliding_window is None:
+        raise ValueError(
+            "This model's config has no sliding_window: pass hf_rolling_cache.enable(model, window=W)."
+        )
+    if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0):
+        raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
+    saved = _Saved(config._attn_implementation, config.sliding_window, prefill_chunk_size or window or config.sliding_window)
+    if window is not None:
+        config.sliding_window = window
+    model.set_attn_implementation(ATTENTION_NAME)
+    class_generate = model.generate
+
+    @functools.wraps(class_generate)
+    def generate(*args, **kwargs):
+        _refuse_rollback(model, kwargs)
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config)
+        generation_config = kwargs.get("generation_config")
+        if kwargs.get("prefill_chunk_size") is None and getattr(generation_config, "prefill_chunk_size", None) is None:
+            kwargs["prefill_chunk_size"] = saved.prefill_chunk_size
+        return class_generate(*args, **kwargs)
+
+    model.generate = generate
+    setattr(model, _STATE, saved)
+
+
+def disable(model: PreTrainedModel) -> None:
+    """Undo `enable`: the model's attention implementation, window and ``generate`` as they were."""
+    saved = getattr(model, _STATE, None)
+    if saved is None:
+        return
+    del model.generate  # the instance attribute; the class's generate shows through again
+    model.config.sliding_window = saved.sliding_window
+    if saved.attn_implementation is not None:
+        model.set_attn_implementation(saved.attn_implementation)
+    delattr(model, _STATE)
+
+
+def is_enabled(model: PreTrainedModel) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def _refuse_rollback(model: PreTrainedModel, kwargs: dict) -> None:
+    configs = [kwargs, vars(model.generation_config)]
+    if kwargs.get("generation_config") is not None:
+        configs.append(vars(kwargs["generation_config"]))
+    asked = [name for name in _ROLLBACK_OPTIONS for config in configs if config.get(name) is not None]
+    if asked:
+        raise ValueError(
+            f"{asked[0]} asks for assisted / prompt-lookup decoding, which rolls the KV cache back; a rolling cache "
+            "cannot once a sequence passes the window. Call hf_rolling_cache.disable(model) for this generation."
+        )

@@ -1,0 +1,173 @@
+"""`enable` / `disable`: plain generate, every generation mode, multi-turn, pipelines and Accelerate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_rolling_cache
+from hf_rolling_cache import RollingSlidingWindowCache
+from tests.conftest import model_pair, ragged_batch, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = [9, 2, 6]  # ragged, longer than the window
+
+
+@pytest.fixture()
+def pair():
+    reference, rolling = model_pair(tiny_config(4))
+    hf_rolling_cache.enable(rolling)
+    return reference, rolling
+
+
+def generate_both(reference, rolling, seed=3, **options):
+    input_ids, attention_mask = ragged_batch(LENGTHS)
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=14, pad_token_id=0,
+                   output_scores=True, return_dict_in_generate=True, **options)
+    torch.manual_seed(seed)
+    expected = reference.generate(**options)
+    torch.manual_seed(seed)
+    got = rolling.generate(**options)
+    return expected, got
+
+
+def assert_same(expected, got):
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        finite = torch.isfinite(theirs)  # top-k / top-p set the rest to -inf on both sides
+        assert torch.equal(finite, torch.isfinite(ours))
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(do_sample=False),
+        dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
+        dict(do_sample=False, num_beams=3),
+        dict(do_sample=True, num_return_sequences=2),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    ],
+    ids=["greedy", "sampling", "beams", "return-2-sampled", "return-2-beams"],
+)
+def test_generation_modes_match_the_reference(pair, mode):
+    expected, got = generate_both(*pair, **mode)
+    assert_same(expected, got)
+    assert got.past_key_values.__class__ is RollingSlidingWindowCache  # a fresh rolling cache was used
+
+
+def test_finished_sequences_stop_like_the_reference(pair):
+    reference, rolling = pair
+    greedy, _ = generate_both(reference, rolling, do_sample=False)
+    eos = int(greedy.sequences[1, -8])  # a token that sequence 1 emits mid-way
+    expected, got = generate_both(reference, rolling, do_sample=False, eos_token_id=eos)
+    assert_same(expected, got)
+    assert (got.sequences == 0).sum() > (greedy.sequences == 0).sum()  # finished rows were padded
+
+
+def test_rollback_modes_are_refused_before_anything_runs(pair):
+    _, rolling = pair
+    calls = []
+    handle = rolling.register_forward_pre_hook(lambda *_: calls.append(1))
+    input_ids, attention_mask = ragged_batch(LENGTHS)
+    try:
+        for option in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=pair[0])):
+            with pytest.raises(ValueError, match="rolls the KV cache back.*disable"):
+                rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, **option)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_disable_restores_the_model():
+    _, model = model_pair(tiny_config(4))
+    model.set_attn_implementation("sdpa")
+    hf_rolling_cache.enable(model, window=3, prefill_chunk_size=2)
+    assert model.config._attn_implementation == "rolling_xformers" and model.config.sliding_window == 3
+    hf_rolling_cache.enable(model, window=3)  # twice is harmless
+    hf_rolling_cache.disable(model)
+    assert model.config._attn_implementation == "sdpa" and model.config.sliding_window == 4
+    assert "generate" not in vars(model) and not hf_rolling_cache.is_enabled(model)
+    with pytest.raises(ValueError, match="no sliding_window"):
+        model.config.sliding_window = None
+        hf_rolling_cache.enable(model)
+
+
+def test_enable_with_a_window_matches_the_reference_with_that_window():
+    reference, rolling = model_pair(tiny_config(8))
+    hf_rolling_cache.enable(rolling, window=3)
+    reference.config.sliding_window = 3
+    assert_same(*generate_both(reference, rolling, do_sample=False))
+
+
+@pytest.mark.parametrize("lengths", [[7], LENGTHS])
+def test_multi_turn_with_the_same_cache_equals_the_whole_conversation(pair, lengths):
+    reference, rolling = pair
+    input_ids, attention_mask = ragged_batch(lengths)
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    first = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             max_new_tokens=6, do_sample=False, pad_token_id=0)
+    reply = torch.randint(1, 97, (len(lengths), 5), generator=torch.Generator().manual_seed(9))
+    conversation = torch.cat([first, reply], dim=1)
+    mask = torch.cat([attention_mask, torch.ones(len(lengths), conversation.shape[1] - attention_mask.shape[1],
+                                                 dtype=torch.long)], dim=1)
+    options = dict(input_ids=conversation, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                   output_scores=True, return_dict_in_generate=True)
+    expected = reference.generate(**options)
+    got = rolling.generate(**options, past_key_values=cache)
+    assert_same(expected, got)
+
+
+def test_a_cache_from_another_batch_is_refused(pair):
+    _, rolling = pair
+    input_ids, attention_mask = ragged_batch(LENGTHS)
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    rolling.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=3,
+                     pad_token_id=0)
+    other_ids, other_mask = ragged_batch([12, 12, 12], seed=5)
+    with pytest.raises(ValueError, match="another batch|columns"):
+        rolling.generate(input_ids=other_ids, attention_mask=other_mask, past_key_values=cache, max_new_tokens=3,
+                         pad_token_id=0)
+
+
+def word_tokenizer(vocab_size=97):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]",
+                                   padding_side="left")
+
+
+def test_text_generation_pipeline_in_batches_twice(pair):
+    from transformers import pipeline
+
+    reference, rolling = pair
+    tokenizer = word_tokenizer()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [" ".join(f"w{i}" for i in torch.randint(2, 97, (n,), generator=generator).tolist()) for n in (11, 2, 7, 5)]
+    options = dict(batch_size=3, max_new_tokens=10, do_sample=False, return_full_text=False)
+    expected = pipeline("text-generation", model=reference, tokenizer=tokenizer)(prompts, **options)
+    rolling_pipe = pipeline("text-generation", model=rolling, tokenizer=tokenizer)
+    assert rolling_pipe(prompts, **options) == expected
+    assert rolling_pipe(prompts[::-1], **options) == expected[::-1]  # a second call, other batches
+
+
+def test_accelerate_data_parallel_equals_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = str(ROOT / "examples" / "accelerate_generate.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    subprocess.run([*launch, script, "--out", str(tmp_path / "two.json")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    subprocess.run([sys.executable, script, "--out", str(tmp_path / "one.json")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["outputs"] == one["outputs"] and len(one["outputs"]) == 8
