@@ -28,6 +28,8 @@ class RollingMask:
     config_window: int | None
     padding_mask: torch.Tensor | None  # Transformers' 2D mask, True for real tokens
     device: torch.device | None = None
+    num_layers: int | None = None  # the model's, to check the cache against before anything is written
+    max_positions: int | None = None  # the model's max_position_embeddings
     _plan: StepPlan | DeviceDecodePlan | None = field(default=None, repr=False)
 
     def plan_for(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
@@ -37,6 +39,11 @@ class RollingMask:
 
     def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan:
         window = self.config_window
+        if cache is not None and self.num_layers is not None and self.num_layers != len(cache.layers):
+            raise ValueError(
+                f"This cache was built for {len(cache.layers)} layers but the model has {self.num_layers}: build the "
+                "cache from this model's config, RollingSlidingWindowCache(config=model.config)."
+            )
         if cache is not None:
             if window is not None and window != cache.window:
                 raise ValueError(
@@ -58,6 +65,8 @@ class RollingMask:
         if cache is not None:
             columns = None if self.padding_mask is None else self.padding_mask.shape[1]
             cache.begin_step(plan, history, columns)
+            if self.max_positions is not None and max(plan.seen_after) > self.max_positions:
+                cache.warn_positions_once(max(plan.seen_after), self.max_positions)
         return plan
 
 
@@ -78,6 +87,8 @@ def rolling_mask_interface(
         config_window=getattr(config, "sliding_window", None),
         padding_mask=attention_mask,
         device=kwargs.get("device"),
+        num_layers=getattr(config, "num_hidden_layers", None),
+        max_positions=getattr(config, "max_position_embeddings", None),
     )
 
 

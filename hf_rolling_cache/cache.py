@@ -7,6 +7,7 @@ the step plan does (``_plan.py``), and the attention function writes the ring wi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -247,6 +248,7 @@ class RollingSlidingWindowCache(Cache):
         self.decode_on_device = False  # plan decode steps on the device (set by CUDA graph decoding)
         self._step_real: torch.Tensor | None = None  # [B] this decode step's real flags, a static buffer
         self._decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
+        self._warned_positions = False
         super().__init__(layers=[RollingLayer(window, self._progress) for _ in range(num_layers)])
 
     def __repr__(self) -> str:
@@ -334,6 +336,17 @@ class RollingSlidingWindowCache(Cache):
         plan = DeviceDecodePlan(window=self.window, seen=self._progress.on_device(device), real=self._step_real)
         self._open = _OpenStep(plan)
         return plan
+
+    def warn_positions_once(self, position: int, max_positions: int) -> None:
+        """Rotary positions past what the model was trained for: the ring keeps going, the model may not."""
+        if not self._warned_positions:
+            self._warned_positions = True
+            warnings.warn(
+                f"Sequences have reached position {position}, past the model's max_position_embeddings "
+                f"({max_positions}). The rolling cache keeps working, but the model was not trained on such "
+                "positions and its output may degrade.",
+                stacklevel=2,
+            )
 
     def layer_written(self, plan: StepPlan, layer_idx: int) -> None:
         """Count a layer's ring as written; once every layer has written, the forward is committed."""
