@@ -1,0 +1,93 @@
+"""KV-cache sizing and the compute a KV cache saves, as the seed articles compute them.
+
+Per layer and token a cache holds a key and a value of ``n_kv_heads x head_dim`` numbers (grouped-query attention
+stores fewer heads than it queries; for multi-head models this is d_model). A full cache holds every token; the
+rolling cache holds exactly ``window`` slots per sequence, allocated at first use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What sizes a KV cache: layers, kv heads x head_dim per token, and the sliding window (None: full attention)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int  # d_model, the "dim" of seed 002's FLOPs formula
+    window: int | None = None
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: dict) -> KVShape:
+        """From a Hugging Face config.json's fields (Mistral, Llama, OPT, ... names)."""
+        try:
+            layers = config["num_hidden_layers"]
+            heads = config["num_attention_heads"]
+            hidden = config["hidden_size"]
+        except KeyError as missing:
+            raise ValueError(f"The config has no {missing} field: is it a decoder model's config.json?") from None
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        return cls(layers, kv_heads, head_dim, hidden, window=config.get("sliding_window"))
+
+
+PRESETS = {
+    "mistral-7b": KVShape(layers=32, kv_heads=8, head_dim=128, hidden=4096, window=4096),
+    # OPT-30B, the seed's example (001_...): 48 layers, d_model 7168 (56 heads of 128), full attention
+    "opt-30b": KVShape(layers=48, kv_heads=56, head_dim=128, hidden=7168, window=None),
+}
+
+
+def load_config(path: str | Path) -> KVShape:
+    """A config.json, or a folder holding one (local files only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"No config.json at {path}: give a config.json file or a model folder that holds one.")
+    return KVShape.from_config(json.loads(path.read_text()))
+
+
+def kv_cache_bytes(shape: KVShape, batch: int, tokens: int, dtype_bytes: int) -> int:
+    """2 (K and V) x bytes x layers x (n_kv_heads x head_dim) x tokens x batch."""
+    return 2 * dtype_bytes * shape.layers * shape.kv_width * tokens * batch
+
+
+def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: int) -> int:
+    """The rolling cache: exactly ``window`` slots per layer and sequence, whatever the length."""
+    return kv_cache_bytes(shape, batch, window, dtype_bytes)
+
+
+def flops_saved(tokens: int, kv_heads: int, dim: int, layers: int) -> int:
+    """Seed 002: decoding step t saves 2 (t-1) n_kv_heads dim^2 FLOPs per layer (the K and V projections of the
+    t-1 earlier tokens); over T tokens that is 2 (T (T-1) / 2) n_kv_heads dim^2 per layer."""
+    return tokens * (tokens - 1) * kv_heads * dim * dim * layers
+
+
+def format_bytes(count: int) -> str:
+    return f"{count / 1e9:,.2f} GB ({count / 2**30:,.2f} GiB)"
+
+
+def dtype_bytes(name: str) -> int:
+    try:
+        return DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_BYTES)}") from None
+
+
+def model_shape(model: torch.nn.Module) -> KVShape:
+    """The shape of a loaded Transformers model's cache."""
+    return KVShape.from_config(model.config.to_dict())
