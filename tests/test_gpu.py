@@ -99,7 +99,8 @@ def test_cuda_graph_decoding_matches_eager(chunk, beams):
     prefill steps go through the graph; beams: rows are reordered in place under the graph)."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
 
-    model = gpu_model(torch.bfloat16)
+    # fp32: both paths must pick the same tokens, and bf16 near-ties would let two SDPA kernels disagree
+    model = gpu_model(torch.float32)
     model.set_attn_implementation("rolling_xformers")
     input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
     options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * WINDOW, do_sample=False,
@@ -114,5 +115,6 @@ def test_cuda_graph_decoding_matches_eager(chunk, beams):
     finally:
         release_cuda_graphs(model)
     assert torch.equal(graphed.sequences, eager.sequences)
-    worst = max((a - b).abs().max().item() for a, b in zip(graphed.scores, eager.scores) if torch.isfinite(a).all())
-    assert worst <= 1e-2 * max(s[torch.isfinite(s)].abs().max().item() for s in eager.scores)
+    for ours, theirs in zip(graphed.scores, eager.scores):
+        finite = torch.isfinite(theirs)  # beam search scores carry -inf
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=1e-4)

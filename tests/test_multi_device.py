@@ -28,7 +28,8 @@ SPLIT = {
 def test_layers_on_cpu_and_cuda_match_one_device(chunk):
     _, rolling = model_pair(tiny_config(8, layers=4))
     one_device = copy.deepcopy(rolling).to("cuda")
-    split = dispatch_model(copy.deepcopy(rolling), device_map=SPLIT)
+    # main_device="cpu": the "cpu" layers run on the CPU (otherwise Accelerate offloads them and runs them on GPU)
+    split = dispatch_model(copy.deepcopy(rolling), device_map=SPLIT, main_device="cpu")
     use_cuda_graphs(split)  # must leave a model spread over devices to the eager path
     input_ids, attention_mask = ragged_batch([37, 2, 19, 11])
     options = dict(attention_mask=attention_mask, max_new_tokens=30, do_sample=False, prefill_chunk_size=chunk,
