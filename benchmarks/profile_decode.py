@@ -25,7 +25,7 @@ def timed(step, repeats: int) -> float:
 
 
 @torch.no_grad()
-def profile(model, batch: int, prompt: int, top: int) -> None:
+def profile(model, batch: int, prompt: int, top: int, compile_elementwise: bool = False) -> None:
     device = "cuda"
     model.set_attn_implementation("rolling_xformers")
     hf_rolling_cache.release_cuda_graphs(model)
@@ -45,6 +45,19 @@ def profile(model, batch: int, prompt: int, top: int) -> None:
     eager()  # capture
     graph_ms = timed(eager, 50)
     hf_rolling_cache.release_cuda_graphs(model)
+    if compile_elementwise:  # experiment: let inductor fuse Transformers' norms and MLP inside the captured step
+        start = time.perf_counter()
+        for layer in model.model.layers:
+            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                module.compile()
+        model.model.norm.compile()
+        cache._decode_graph = None
+        eager()
+        hf_rolling_cache.use_cuda_graphs(model)
+        eager()
+        print(f"  compile + capture {time.perf_counter() - start:.1f} s; graph replay with fused norms/MLP "
+              f"{timed(eager, 50):.2f} ms", flush=True)
+        hf_rolling_cache.release_cuda_graphs(model)
     print(f"B={batch} prompt={prompt}: eager step {eager_ms:.2f} ms, device-planned eager {device_plan_ms:.2f} ms, "
           f"graph replay {graph_ms:.2f} ms ({batch * 1000 / graph_ms:.0f} tok/s ceiling)", flush=True)
 
@@ -64,10 +77,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=6000)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--compile-elementwise", action="store_true", help="experiment: torch.compile norms and MLP")
     args = parser.parse_args()
     model = build_model(False, "cuda")
     for batch in args.batch:
-        profile(model, batch, args.prompt, args.top)
+        profile(model, batch, args.prompt, args.top, args.compile_elementwise)
 
 
 if __name__ == "__main__":
