@@ -37,7 +37,7 @@ class RollingMask:
             self._plan = self._build(cache)
         return self._plan
 
-    def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan:
+    def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
         window = self.config_window
         if cache is not None and self.num_layers is not None and self.num_layers != len(cache.layers):
             raise ValueError(

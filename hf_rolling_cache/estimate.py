@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 
 
@@ -86,8 +84,3 @@ def dtype_bytes(name: str) -> int:
         return DTYPE_BYTES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_BYTES)}") from None
-
-
-def model_shape(model: torch.nn.Module) -> KVShape:
-    """The shape of a loaded Transformers model's cache."""
-    return KVShape.from_config(model.config.to_dict())
