@@ -4,9 +4,8 @@ measure what a KV cache buys."""
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import estimate
 
@@ -50,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     walk.set_defaults(run=_walkthrough)
 
     bench = commands.add_parser("bench", help="no cache vs Transformers' cache vs the rolling cache",
-                                description="Decode tokens/s and KV-cache memory over growing generation lengths "
-                                "on a small random Mistral (GPU when present).")
+                                description="Tokens/s and KV-cache memory over growing generation lengths on a "
+                                "small random Mistral (GPU when present): no cache, Transformers' cache, the rolling "
+                                "cache.")
     bench.add_argument("--lengths", type=_seqlens, default=[64, 128, 256], help="generation lengths, e.g. 64,128")
-    bench.add_argument("--batch", type=_positive, default=1)
-    bench.add_argument("--window", type=_positive, default=32)
-    bench.add_argument("--prompt", type=_positive, default=16)
+    bench.add_argument("--batch", type=_positive, default=1, help="sequences generated together")
+    bench.add_argument("--window", type=_positive, default=32, help="the small model's sliding window")
+    bench.add_argument("--prompt", type=_positive, default=16, help="prompt tokens per sequence")
     bench.add_argument("--png", metavar="FILE", help="also plot tokens/s and memory against length")
     bench.set_defaults(run=_bench)
     return parser
@@ -95,30 +95,49 @@ def _estimate(args) -> int:
     elif args.config:
         shape, name = estimate.load_config(args.config), args.config
     else:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(args.model_config, local_files_only=True)
-        except OSError as error:
-            raise ValueError(f"no local config for {args.model_config!r} ({error})") from None
-        shape, name = estimate.KVShape.from_config(config.to_dict()), args.model_config
+        shape, name = estimate.KVShape.from_config(_local_model_config(args.model_config)), args.model_config
     window = args.window or shape.window
     size = estimate.dtype_bytes(args.dtype)
     print(f"{name}: {shape.layers} layers, {shape.kv_heads} kv heads x head_dim {shape.head_dim} = "
           f"{shape.kv_width} numbers per token for K and for V; {args.dtype} ({size} bytes)")
+    print("units: GB = 10^9 bytes, GiB = 2^30 bytes")
     full = estimate.kv_cache_bytes(shape, args.batch, args.seq, size)
     print(f"full KV cache, batch {args.batch} x {args.seq} tokens: {estimate.format_bytes(full)}")
     print(f"  = 2 x {size} x {shape.layers} x {shape.kv_width} x {args.seq} x {args.batch} bytes")
     if window is None:
-        print("rolling cache: this model has no sliding window; pass --window W to size one")
+        print("rolling cache: the config gives no sliding window for every layer; pass --window W to size one")
     else:
         rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size)
         print(f"rolling cache, window {window}: {estimate.format_bytes(rolling)} at any length "
               f"({window} slots per layer and sequence)")
+        if shape.window is None:
+            print(f"  note: the model attends to every token; with a {window}-token window it computes something else")
+        if args.seq < window:
+            print(f"  note: more than the full cache at {args.seq} tokens: the ring allocates all {window} slots at "
+                  "the first token")
     flops = estimate.flops_saved(args.tokens, shape.kv_heads, shape.hidden, shape.layers)
-    print(f"FLOPs a KV cache saves over {args.tokens} tokens: {flops:.4e} = 2 x (T (T-1) / 2) x n_kv_heads x dim^2 x "
-          f"layers, with T {args.tokens}, n_kv_heads {shape.kv_heads}, dim {shape.hidden}, layers {shape.layers}")
+    print(f"FLOPs a KV cache saves over {args.tokens} tokens (seed 002's simplified count): {flops:.4e}")
+    print(f"  = 2 x (T (T-1) / 2) x n_kv_heads x dim^2 x layers, with T {args.tokens}, n_kv_heads {shape.kv_heads}, "
+          f"dim {shape.hidden}, layers {shape.layers}")
+    print(f"  about {flops / estimate.A100_FLOPS / 60:,.1f} minutes of an A100 at {estimate.A100_FLOPS:.3g} FLOP/s "
+          "(seed 002's comparison)")
     return 0
+
+
+def _local_model_config(name: str):
+    """A model's config through Transformers' AutoConfig, from a folder or the local Hugging Face cache only."""
+    from transformers import AutoConfig
+
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise ValueError(f"{name} holds no config.json: give the folder a model was saved to")
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if Path(name).is_dir():  # the config.json is there: what is wrong is inside it
+            raise ValueError(f"cannot read {Path(name) / 'config.json'} ({error})") from None
+        raise ValueError(f"no local config for {name!r}: --model-config reads local files only (no download); "
+                         "give a model folder holding config.json, or a model id already in the Hugging Face cache"
+                         ) from None
 
 
 # --- walkthrough ----------------------------------------------------------------------------------------------------
@@ -186,65 +205,42 @@ def _cells(grid):
 
 def _bench(args) -> int:
     import torch
-    from tqdm import tqdm
-    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-    from .cache import RollingSlidingWindowCache
+    from ._bench import run_bench
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=2, sliding_window=args.window,
-                           max_position_embeddings=1 << 16, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    model = MistralForCausalLM(config).eval().to(device)
-    prompt = torch.randint(1, 1000, (args.batch, args.prompt), device=device)
-    paths = {
-        "no cache": ("eager", None),
-        "transformers cache": ("sdpa", lambda: DynamicCache(config=model.config)),
-        "rolling cache": ("rolling_xformers", lambda: RollingSlidingWindowCache(config=model.config)),
-    }
-    rows = []
-    print(f"small random Mistral on {device}: 4 layers, 2 kv heads x 32, window {args.window}, batch {args.batch}, "
-          f"prompt {args.prompt}")
-    for length in tqdm(args.lengths, desc="lengths", file=sys.stderr):
-        for name, (implementation, make_cache) in paths.items():
-            model.set_attn_implementation(implementation)
-            cache = make_cache() if make_cache else None
-            start = time.perf_counter()
-            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length,
-                           min_new_tokens=length, do_sample=False, use_cache=cache is not None,
-                           past_key_values=cache, pad_token_id=0)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            rows.append(dict(length=length, path=name, tokens_per_s=args.batch * length / seconds,
-                             cache_bytes=_cache_bytes(cache)))
-    print(f"{'new tokens':>10}  {'path':<20} {'tokens/s':>10} {'KV cache':>14}")
+    print(f"small random Mistral on {device}: hidden 256, 4 layers, 2 kv heads x 32, window {args.window}, "
+          f"batch {args.batch}, prompt {args.prompt}, fp32")
+    rows = run_bench(args.lengths, args.batch, args.window, args.prompt, device)
+    gpu = device == "cuda"
+    print(f"{'new tokens':>10}  {'path':<20} {'new tok/s':>10} {'KV cache held':>15}"
+          + (f" {'peak GPU':>15}" if gpu else "") + "  same tokens as no cache")
     for row in rows:
-        print(f"{row['length']:>10}  {row['path']:<20} {row['tokens_per_s']:>10.1f} {row['cache_bytes']:>12,d} B")
+        print(f"{row.new_tokens:>10}  {row.path:<20} {row.tokens_per_s:>10.1f} {row.cache_bytes:>13,d} B"
+              + (f" {row.peak_gpu_bytes:>13,d} B" if gpu else "") + f"  {'yes' if row.matches_no_cache else 'NO'}")
+    shape = estimate.KVShape(layers=4, kv_heads=2, head_dim=32, hidden=256)
+    full = {n: estimate.kv_cache_bytes(shape, args.batch, args.prompt + n - 1, 4) for n in args.lengths}
+    print("a full cache (no window) would hold: " + ", ".join(f"{b:,d} B at {n}" for n, b in full.items())
+          + " new tokens (prompt + new - 1 tokens, computed)")
+    print("tokens/s: new tokens x batch over the whole generate call, prompt included")
     if args.png:
-        _plot_bench(rows, args.png)
+        _plot_bench(rows, full, args.png)
         print(f"wrote {args.png}")
     return 0
 
 
-def _cache_bytes(cache) -> int:
-    if cache is None:
-        return 0
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
-
-
-def _plot_bench(rows, path: str) -> None:
+def _plot_bench(rows, full: dict[int, int], path: str) -> None:
     plt = _pyplot()
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name in dict.fromkeys(r["path"] for r in rows):
-        mine = [r for r in rows if r["path"] == name]
-        lengths = [r["length"] for r in mine]
-        speed.plot(lengths, [r["tokens_per_s"] for r in mine], marker="o", label=name)
-        memory.plot(lengths, [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=name)
-    speed.set(xlabel="new tokens", ylabel="tokens/s", title="decode speed")
-    memory.set(xlabel="new tokens", ylabel="KV cache (MiB)", title="KV-cache memory")
+    for name, marker in zip(dict.fromkeys(r.path for r in rows), "osx"):
+        mine = [r for r in rows if r.path == name]
+        lengths = [r.new_tokens for r in mine]
+        speed.plot(lengths, [r.tokens_per_s for r in mine], marker=marker, label=name)
+        memory.plot(lengths, [r.cache_bytes / 2**10 for r in mine], marker=marker, label=name)
+    memory.plot(list(full), [b / 2**10 for b in full.values()], "k--", label="full cache, computed")
+    memory.legend(fontsize=8)
+    speed.set(xlabel="new tokens", ylabel="new tokens/s", title="generation speed")
+    memory.set(xlabel="new tokens", ylabel="KV cache held (KiB)", title="KV-cache memory")
     speed.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120, bbox_inches="tight")

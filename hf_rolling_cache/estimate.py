@@ -8,6 +8,7 @@ rolling cache holds exactly ``window`` slots per sequence, allocated at first us
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +30,26 @@ class KVShape:
         return self.kv_heads * self.head_dim
 
     @classmethod
-    def from_config(cls, config: dict) -> KVShape:
-        """From a Hugging Face config.json's fields (Mistral, Llama, OPT, ... names)."""
-        try:
-            layers = config["num_hidden_layers"]
-            heads = config["num_attention_heads"]
-            hidden = config["hidden_size"]
-        except KeyError as missing:
-            raise ValueError(f"The config has no {missing} field: is it a decoder model's config.json?") from None
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        return cls(layers, kv_heads, head_dim, hidden, window=config.get("sliding_window"))
+    def from_config(cls, config: Mapping | object) -> KVShape:
+        """From a config.json's fields (Mistral, Llama, OPT, ... names) or a Transformers config object, whose
+        attribute aliases (GPT-2's ``n_layer`` ...) then apply."""
+        field = config.get if isinstance(config, Mapping) else lambda name: getattr(config, name, None)
+        layers, heads, hidden = (field(name) for name in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+        if None in (layers, heads, hidden):
+            raise ValueError("The config needs num_hidden_layers, num_attention_heads and hidden_size: is it a "
+                             "decoder model's config.json? For other field names (GPT-2's n_layer ...), pass the model "
+                             "folder to --model-config.")
+        kv_heads = field("num_key_value_heads") or heads
+        head_dim = field("head_dim") or hidden // heads
+        return cls(layers, kv_heads, head_dim, hidden, window=_window(field))
+
+
+def _window(field) -> int | None:
+    """The sliding window every layer uses, or None. Some configs (Qwen2) keep a ``sliding_window`` value while
+    ``use_sliding_window`` is false, and some mix full-attention layers in (``layer_types``): no ring fits those."""
+    if field("use_sliding_window") is False or "full_attention" in (field("layer_types") or ()):
+        return None
+    return field("sliding_window")
 
 
 PRESETS = {
@@ -56,7 +66,13 @@ def load_config(path: str | Path) -> KVShape:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"No config.json at {path}: give a config.json file or a model folder that holds one.")
-    return KVShape.from_config(json.loads(path.read_text()))
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): give a model's config.json.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object: give a model's config.json.")
+    return KVShape.from_config(config)
 
 
 def kv_cache_bytes(shape: KVShape, batch: int, tokens: int, dtype_bytes: int) -> int:
@@ -69,9 +85,13 @@ def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: in
     return kv_cache_bytes(shape, batch, window, dtype_bytes)
 
 
+A100_FLOPS = 312e12  # seed 002's figure for one A100, to turn FLOPs saved into time
+
+
 def flops_saved(tokens: int, kv_heads: int, dim: int, layers: int) -> int:
-    """Seed 002: decoding step t saves 2 (t-1) n_kv_heads dim^2 FLOPs per layer (the K and V projections of the
-    t-1 earlier tokens); over T tokens that is 2 (T (T-1) / 2) n_kv_heads dim^2 per layer."""
+    """Seed 002's simplified count, kept as the seed states it: decoding step t saves 2 (t-1) n_kv_heads dim^2
+    FLOPs per layer (recomputing the t-1 earlier tokens' keys and values); over T tokens, 2 (T (T-1) / 2)
+    n_kv_heads dim^2 per layer."""
     return tokens * (tokens - 1) * kv_heads * dim * dim * layers
 
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, MistralConfig, MistralForCausalLM
 
 from hf_rolling_cache import estimate
+from hf_rolling_cache._bench import bench_config, cache_bytes
 from hf_rolling_cache.cli import main
 from tests.test_plan import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
 
@@ -22,7 +25,12 @@ def test_estimate_reproduces_the_opt_30b_figure(capsys):
     # seed 001: 2 x 2 bytes x 48 layers x d_model 7168 x 1024 tokens x batch 128 = "180G"
     assert 2 * 2 * 48 * 7168 * 1024 * 128 == 180_388_626_432
     assert "180.39 GB (168.00 GiB)" in out
-    assert "no sliding window; pass --window" in out
+    assert "GB = 10^9 bytes, GiB = 2^30 bytes" in out
+    assert "no sliding window for every layer; pass --window" in out
+    # OPT-30B attends to every token: a window is the user's choice, and the output says what it changes
+    windowed = run(capsys, "estimate", "--preset", "opt-30b", "--batch", "128", "--seq", "1024", "--window", "512")
+    assert f"rolling cache, window 512: {2 * 2 * 48 * 7168 * 512 * 128 / 1e9:.2f} GB" in windowed
+    assert "the model attends to every token; with a 512-token window it computes something else" in windowed
 
 
 def test_flops_saved_matches_seed_002():
@@ -31,6 +39,13 @@ def test_flops_saved_matches_seed_002():
     # 1e-4 smaller, so both agree with the seed's figure to its printed precision (0.1%)
     assert flops == pytest.approx(4.294e17, rel=1e-3)
     assert flops == 10_000 * 9_999 * 8 * 4096 * 4096 * 32
+
+
+def test_estimate_prints_the_seed_002_time_on_an_a100(capsys):
+    out = run(capsys, "estimate", "--preset", "mistral-7b")
+    # seed 002: 4.294e+17 FLOPs at 312e+12 FLOP/s, "we might save round 23 minutes"
+    minutes = float(re.search(r"about ([\d.]+) minutes of an A100", out).group(1))
+    assert minutes == pytest.approx(23, abs=0.5)
 
 
 def test_estimate_counts_grouped_query_heads_and_the_window(capsys, tmp_path):
@@ -43,6 +58,29 @@ def test_estimate_counts_grouped_query_heads_and_the_window(capsys, tmp_path):
     assert "4.2945e+17" in out
     preset = run(capsys, "estimate", "--preset", "mistral-7b", "--batch", "8", "--seq", "32768", "--dtype", "bf16")
     assert preset.split(":", 1)[1] == out.split(":", 1)[1]
+
+
+def test_estimate_model_config_reads_a_local_folder(capsys, tmp_path):
+    MistralConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
+                  sliding_window=4096).save_pretrained(tmp_path / "mistral")
+    out = run(capsys, "estimate", "--model-config", str(tmp_path / "mistral"), "--seq", "1024")
+    preset = run(capsys, "estimate", "--preset", "mistral-7b", "--seq", "1024")
+    assert out.split(":", 1)[1] == preset.split(":", 1)[1]
+    assert "more than the full cache at 1024 tokens" in out  # the 4096-slot ring is allocated at the first token
+    # GPT-2 names its fields n_layer, n_head, n_embd; the config object's aliases resolve them
+    GPT2Config(n_layer=6, n_head=4, n_embd=256).save_pretrained(tmp_path / "gpt2")
+    gpt2 = run(capsys, "estimate", "--model-config", str(tmp_path / "gpt2"), "--seq", "100")
+    assert "6 layers, 4 kv heads x head_dim 64 = 256 numbers" in gpt2
+    assert f"{2 * 2 * 6 * 256 * 100 / 2**30:.2f} GiB" in gpt2
+
+
+def test_estimate_ignores_a_window_the_config_turns_off(capsys, tmp_path):
+    # Qwen2-style config.json: a sliding_window value that use_sliding_window = false leaves unused
+    config = {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_size": 3584,
+              "sliding_window": 131072, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = run(capsys, "estimate", "--config", str(tmp_path / "config.json"))
+    assert "no sliding window for every layer" in out and "rolling cache, window" not in out
 
 
 def test_walkthrough_prints_the_seed(capsys):
@@ -71,15 +109,37 @@ def test_walkthrough_png(capsys, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def test_bench_rows_and_flat_rolling_memory(capsys, tmp_path):
+def test_bench_rows_and_memory(capsys, tmp_path):
     pytest.importorskip("matplotlib")
-    out = run(capsys, "bench", "--lengths", "8,24", "--window", "8", "--batch", "2", "--png", str(tmp_path / "b.png"))
-    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+(no|transformers|rolling)", line)]
-    assert len(rows) == 6
-    rolling = [int(r[-2].replace(",", "")) for r in rows if r[1] == "rolling"]
-    assert rolling == [2 * 4 * 2 * 8 * 2 * 32 * 4] * 2  # K,V x 4 layers x B x W x 2 kv heads x 32 x fp32
-    assert all(int(r[-2].replace(",", "")) == 0 for r in rows if r[1] == "no")
-    assert (tmp_path / "b.png").exists()
+    batch, window, prompt, lengths = 2, 8, 16, (8, 24)
+    out = run(capsys, "bench", "--lengths", ",".join(map(str, lengths)), "--window", str(window), "--batch",
+              str(batch), "--prompt", str(prompt), "--png", str(tmp_path / "b.png"))
+    rows = re.findall(r"^\s+(\d+)\s+(no cache|transformers cache|rolling cache)\s+[\d.]+\s+([\d,]+) B\s+(yes|NO)$",
+                      out, re.MULTILINE)
+    assert [(int(n), path) for n, path, _, _ in rows] == [
+        (n, path) for n in lengths for path in ("no cache", "transformers cache", "rolling cache")]
+    held = {(int(n), path): int(b.replace(",", "")) for n, path, b, _ in rows}
+    token_bytes = 2 * 4 * 2 * 32 * 4  # K and V x 4 layers x 2 kv heads x 32 x fp32, per token and sequence
+    for n in lengths:
+        assert held[n, "no cache"] == 0
+        assert held[n, "rolling cache"] == batch * window * token_bytes  # W slots from the start, at any length
+        # Transformers' sliding layer keeps W-1 tokens visible, sliced from the W-token tensor of the last decode
+        # step: that tensor stays alive, so it holds W tokens too, also bounded
+        assert held[n, "transformers cache"] == batch * window * token_bytes
+    assert all(same == "yes" for *_, same in rows)  # greedy: every path generates what no cache does
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the computed full-cache line, against a real DynamicCache on the same model without a window
+    full = [int(b.replace(",", "")) for b in re.findall(r"([\d,]+) B at \d+", out.split("would hold:")[1])]
+    config = bench_config(window)
+    config.sliding_window = None
+    model = MistralForCausalLM(config).eval()
+    ids = torch.ones(batch, prompt, dtype=torch.long)
+    for n, expected in zip(lengths, full):
+        cache = DynamicCache(config=config)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, past_key_values=cache, pad_token_id=0)
+        assert cache_bytes(cache) == expected
 
 
 @pytest.mark.parametrize(
@@ -91,9 +151,15 @@ def test_bench_rows_and_flat_rolling_memory(capsys, tmp_path):
         (["walkthrough", "--seqlens", "4,0"], "lengths must be positive"),
         (["walkthrough", "--window", "-1"], "must be a positive integer"),
         (["estimate", "--config", "/nonexistent"], "No config.json"),
+        (["estimate", "--config", "{bad_json}"], "is not valid JSON"),
+        (["estimate", "--model-config", "/nonexistent/model"], "reads local files only (no download)"),
+        (["estimate", "--model-config", "{empty_folder}"], "holds no config.json"),
+        (["bench", "--lengths", "8,-1"], "lengths must be positive"),
     ],
 )
-def test_bad_arguments(capsys, argv, message):
+def test_bad_arguments(capsys, tmp_path, argv, message):
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [a.format(bad_json=tmp_path / "bad.json", empty_folder=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
