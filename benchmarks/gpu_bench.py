@@ -2,12 +2,13 @@
 
     python benchmarks/gpu_bench.py decode  --batch 1 8 --prompt 6000 --new 128
     python benchmarks/gpu_bench.py prefill --batch 1 --prompt 32768
-    python benchmarks/gpu_bench.py sweep   --new 16384 --every 1024
+    python benchmarks/gpu_bench.py sweep   --new 16384 --every 1024 [--compile]
     python benchmarks/gpu_bench.py grid    --batch 1 8 32 --prompt 2048 8192 32768
     python benchmarks/gpu_bench.py decode --tiny      # a small random model, runs on CPU in seconds
 
 Mistral-7B shape (`MistralConfig()` defaults, sliding_window 4096) with random bf16 weights, prompts of random tokens,
-greedy. Prints a table and writes JSON (``--json``).
+greedy. Prints a table and writes JSON (``--json``). Decode tokens/s are measured between the tokens of one
+generation, after its first decode step (a CUDA graph's capture); compilation is a reported warm-up.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
@@ -30,6 +31,9 @@ PATHS = {
     # name: (attention implementation, cache factory or None for Transformers' default, prefill chunk)
     "rolling": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
     "rolling_graphs": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
+    "rolling_graphs_compiled": (
+        "rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"
+    ),
     "hf_dynamic_sdpa": ("sdpa", lambda model: DynamicCache(config=model.config), None),
     "hf_dynamic_sdpa_chunk": ("sdpa", lambda model: DynamicCache(config=model.config), "window"),
 }
@@ -44,7 +48,9 @@ class Result:
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     peak_above_weights_gib: float | None = None
+    resident_above_weights_gib: float | None = None  # allocated before the run (workspaces, graphs of earlier rows)
     kv_cache_gib: float | None = None
+    warmup_s: float | None = None  # graph paths: the first decode graph's warm-up (+ compilation) at this batch
     error: str | None = None
 
 
@@ -80,11 +86,32 @@ def cache_bytes(cache) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def run_generate(model, path, input_ids, new_tokens, device):
+class StepClock(StoppingCriteria):
+    """Stamps the time each token comes out (after waiting for the GPU); never stops the generation."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def steady_tokens_per_s(self, batch: int, skip: int = 2) -> float:
+        """Tokens/s between later tokens: the prefill's token and the first decode step (where a CUDA graph is
+        captured) are left out."""
+        intervals = len(self.times) - 1 - skip
+        return batch * intervals / (self.times[-1] - self.times[skip])
+
+
+def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | None = None):
     implementation, make_cache, chunk = PATHS[path]
     model.set_attn_implementation(implementation)
-    if path == "rolling_graphs" and device.startswith("cuda"):
-        hf_rolling_cache.use_cuda_graphs(model)  # decode steps replay one captured CUDA graph per cache
+    if path.startswith("rolling_graphs") and device.startswith("cuda"):
+        # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
+        hf_rolling_cache.release_cuda_graphs(model)
+        hf_rolling_cache.use_cuda_graphs(model, compile=path == "rolling_graphs_compiled")
     else:
         hf_rolling_cache.release_cuda_graphs(model)
     cache = make_cache(model)
@@ -93,36 +120,46 @@ def run_generate(model, path, input_ids, new_tokens, device):
     start = time.perf_counter()
     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   prefill_chunk_size=chunk_size, pad_token_id=0)
+                   prefill_chunk_size=chunk_size, pad_token_id=0,
+                   stopping_criteria=StoppingCriteriaList([clock] if clock else []))
     sync(device)
     return time.perf_counter() - start, cache
 
 
 def measure(model, path, batch, prompt, new_tokens, device, weights_bytes) -> Result:
-    """Time to first token and peak memory from a 1-token generation; decode speed as the slope between a short
-    and a long generation (their prefill, and a CUDA graph's one-off capture, cancel out)."""
+    """Time to first token and peak memory from a 1-token generation; decode speed from the times between
+    tokens of a longer one, past its first decode step. Graph paths first warm up at this batch size
+    (compilation happens once per batch size): reported, not counted."""
     result = Result(path, batch, prompt, new_tokens)
     input_ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     try:
+        if path.startswith("rolling_graphs") and new_tokens > 1:
+            _, warm_cache = run_generate(model, path, input_ids[:, :64], 3, device)
+            result.warmup_s = warm_cache.decode_graph_warmup_s
+            del warm_cache  # its rings and captured graph
         gc.collect()  # drop the last measurement's caches (and any captured graph) before reading the peak
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            result.resident_above_weights_gib = (torch.cuda.memory_allocated() - weights_bytes) / 2**30
         result.ttft_s, _ = run_generate(model, path, input_ids, 1, device)
         if device.startswith("cuda"):
             result.peak_above_weights_gib = (torch.cuda.max_memory_allocated() - weights_bytes) / 2**30
-        if new_tokens > 1:
-            short = max(2, new_tokens // 8)
-            short_s, _ = run_generate(model, path, input_ids, short, device)
-            long_s, cache = run_generate(model, path, input_ids, new_tokens, device)
-            result.decode_tok_s = batch * (new_tokens - short) / (long_s - short_s)
+        if new_tokens > 3:
+            clock = StepClock()
+            _, cache = run_generate(model, path, input_ids, new_tokens, device, clock)
+            result.decode_tok_s = clock.steady_tokens_per_s(batch)
             result.kv_cache_gib = cache_bytes(cache) / 2**30
+            del cache
     except torch.OutOfMemoryError:
         result.error = "OOM"
     finally:
+        gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(format_row(result), flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(format_row(result))  # above the progress bar, not inside it
     return result
 
 
@@ -130,18 +167,19 @@ def format_row(r: Result) -> str:
     def f(value, spec):
         return "-" if value is None else format(value, spec)
 
-    return (f"{r.path:24s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
+    return (f"{r.path:23s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
             f"decode={f(r.decode_tok_s, '.1f')} tok/s peak-weights={f(r.peak_above_weights_gib, '.2f')} GiB "
-            f"kv={f(r.kv_cache_gib, '.3f')} GiB {r.error or ''}")
+            f"(resident {f(r.resident_above_weights_gib, '.3f')}) "
+            f"kv={f(r.kv_cache_gib, '.3f')} GiB warm-up={f(r.warmup_s, '.1f')}s {r.error or ''}")
 
 
-def sweep(model, new_tokens, every, device):
+def sweep(model, new_tokens, every, device, compile=False):
     """Per-token decode time and memory along one long generation (rolling path, B=1)."""
     from tqdm import tqdm
 
     model.set_attn_implementation("rolling_xformers")
     if device.startswith("cuda"):
-        hf_rolling_cache.use_cuda_graphs(model)
+        hf_rolling_cache.use_cuda_graphs(model, compile=compile)
     cache = RollingSlidingWindowCache(config=model.config)
     input_ids = torch.randint(1, model.config.vocab_size, (1, 128), device=device)
     points, bar = [], tqdm(total=new_tokens, desc="sweep", file=sys.stderr)
@@ -176,6 +214,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1024)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--tiny", action="store_true", help="a small random model (CPU-friendly smoke run)")
+    parser.add_argument("--compile", action="store_true", help="sweep: decode with use_cuda_graphs(compile=True)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,16 +223,19 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"{machine}; torch {torch.__version__}; weights {weights_bytes / 2**30:.2f} GiB", flush=True)
 
-    # warm-up (kernels, xFormers operator choice), reported and not counted
-    start = time.perf_counter()
+    # warm-up (kernels, xFormers operator choice, compilation at B=1), reported and not counted
     for path in args.paths:
-        run_generate(model, path, torch.randint(1, 100, (1, 64), device=device), 4, device)
-    print(f"warm-up {time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+        _, cache = run_generate(model, path, torch.randint(1, 100, (1, 64), device=device), 4, device)
+        graph = getattr(cache, "decode_graph_warmup_s", None)
+        print(f"warm-up {path}: {time.perf_counter() - start:.1f} s"
+              + ("" if graph is None else f" (of which the first decode graph {graph:.1f} s)"), flush=True)
+        del cache  # a B=1 ring (0.5 GiB at 7B) would otherwise count in every row's peak
 
     results: dict = dict(machine=machine, torch=torch.__version__, hf_rolling_cache=hf_rolling_cache.__version__,
                          mode=args.mode, rows=[])
     if args.mode == "sweep":
-        results["rows"] = sweep(model, args.new, args.every, device)
+        results["rows"] = sweep(model, args.new, args.every, device, args.compile)
         save(results, args.json)
         return
     from tqdm import tqdm

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: eager forward, replayed CUDA graph, and the kernels (torch.profiler).
 
-    python benchmarks/profile_decode.py --batch 1 8 --prompt 6000
+    python -m benchmarks.profile_decode --batch 1 8 --prompt 6000 [--compile]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def timed(step, repeats: int) -> float:
 
 
 @torch.no_grad()
-def profile(model, batch: int, prompt: int, top: int, compile_elementwise: bool = False) -> None:
+def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> None:
     device = "cuda"
     model.set_attn_implementation("rolling_xformers")
     hf_rolling_cache.release_cuda_graphs(model)
@@ -44,27 +44,23 @@ def profile(model, batch: int, prompt: int, top: int, compile_elementwise: bool 
     hf_rolling_cache.use_cuda_graphs(model)
     eager()  # capture
     graph_ms = timed(eager, 50)
-    hf_rolling_cache.release_cuda_graphs(model)
-    if compile_elementwise:  # experiment: let inductor fuse Transformers' norms and MLP inside the captured step
-        start = time.perf_counter()
-        for layer in model.model.layers:
-            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-                module.compile()
-        model.model.norm.compile()
+    compiled_ms = None
+    if compile:  # the decoder layers through torch.compile, then captured
+        hf_rolling_cache.use_cuda_graphs(model, compile=True)
         cache._decode_graph = None
         eager()
-        hf_rolling_cache.use_cuda_graphs(model)
-        eager()
-        print(f"  compile + capture {time.perf_counter() - start:.1f} s; graph replay with fused norms/MLP "
-              f"{timed(eager, 50):.2f} ms", flush=True)
-        hf_rolling_cache.release_cuda_graphs(model)
+        print(f"  compile + capture {cache.decode_graph_warmup_s:.1f} s", flush=True)
+        compiled_ms = timed(eager, 50)
     print(f"B={batch} prompt={prompt}: eager step {eager_ms:.2f} ms, device-planned eager {device_plan_ms:.2f} ms, "
-          f"graph replay {graph_ms:.2f} ms ({batch * 1000 / graph_ms:.0f} tok/s ceiling)", flush=True)
+          f"graph replay {graph_ms:.2f} ms ({batch * 1000 / graph_ms:.0f} tok/s ceiling)"
+          + ("" if compiled_ms is None else f", compiled graph replay {compiled_ms:.2f} ms "
+             f"({batch * 1000 / compiled_ms:.0f} tok/s ceiling)"), flush=True)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            eager()
+            eager()  # the replayed graph (compiled, with --compile)
         torch.cuda.synchronize()
+    hf_rolling_cache.release_cuda_graphs(model)
     events = prof.key_averages()
     total = sum(e.device_time_total for e in events) / 3 / 1000
     print(f"  kernel time per step: {total:.2f} ms; top kernels (ms per step):")
@@ -77,11 +73,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=6000)
     parser.add_argument("--top", type=int, default=14)
-    parser.add_argument("--compile-elementwise", action="store_true", help="experiment: torch.compile norms and MLP")
+    parser.add_argument("--compile", action="store_true", help="also profile use_cuda_graphs(compile=True)")
     args = parser.parse_args()
     model = build_model(False, "cuda")
     for batch in args.batch:
-        profile(model, batch, args.prompt, args.top, args.compile_elementwise)
+        profile(model, batch, args.prompt, args.top, args.compile)
 
 
 if __name__ == "__main__":

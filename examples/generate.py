@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: the window)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="GPU: also compile the captured decode step's layers (a one-off warm-up of seconds)")
     args = parser.parse_args()
     if args.window <= 0 or args.max_new_tokens <= 0:
         parser.error("--window and --max-new-tokens must be positive")
@@ -33,7 +35,9 @@ def main() -> None:
     model, tokenizer = load_smollm2(window=args.window, dtype=dtype)
     model.to(args.device)
     if args.device.startswith("cuda"):
-        hf_rolling_cache.use_cuda_graphs(model)  # decode steps replay one captured CUDA graph
+        hf_rolling_cache.use_cuda_graphs(model, compile=args.compile)  # decode steps replay one captured graph
+    elif args.compile:
+        parser.error("--compile applies to CUDA graph decoding: it needs --device cuda")
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -118,17 +118,17 @@ def attend_ring(
     query: torch.Tensor,
     ring_keys: torch.Tensor,
     ring_values: torch.Tensor,
-    key_padding: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """Decode attention: ``query [B, H_q, 1, D]`` over each sequence's ring ``[B, W, H_kv, D]``.
 
-    ``key_padding`` is ``[B, 1, 1, W]``, True for the slots a sequence has filled (``None``: every ring is full).
-    Returns ``[B, 1, H_q, D]``.
+    ``key_mask`` is ``[B, 1, 1, W]``: True (or a 0 bias) for the slots a sequence has filled, False (or -inf) for
+    the others; ``None`` when every ring is full. Returns ``[B, 1, H_q, D]``.
     """
     keys = ring_keys.transpose(1, 2)  # [B, H_kv, W, D], a view
     values = ring_values.transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=key_padding, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        query, keys, values, attn_mask=key_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
     )
     return out.transpose(1, 2)

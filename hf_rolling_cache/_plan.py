@@ -129,6 +129,14 @@ class StepPlan:
             self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.window)
         return self._per_device[key]
 
+    def key_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """`key_padding` as an additive bias (0 / -inf) in the attention's dtype, made once per step and shared by
+        every layer (SDPA would otherwise turn a boolean mask into this in each layer)."""
+        key = ("key_bias", device, dtype)
+        if key not in self._per_device:
+            self._per_device[key] = _bias(self.key_padding(device), dtype)
+        return self._per_device[key]
+
     def dense_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The mask materialized as a [num_queries, num_keys] float tensor of 0 and -inf (the exact oracle)."""
         device = torch.device(device)
@@ -252,12 +260,12 @@ class DeviceDecodePlan:
         return self.seen.numel()
 
     def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Flat ring rows written this step, and the rows' real flags."""
+        """Flat ring rows written this step, and ``[B, 1, 1]`` booleans: True where the row has a token."""
         key = ("slots", device)
         if key not in self._per_device:
             seen, real = self.seen.to(device), self.real.to(device)
             rows = torch.arange(self.batch_size, device=device) * self.window
-            self._per_device[key] = (rows + seen % self.window, real)
+            self._per_device[key] = (rows + seen % self.window, real.view(-1, 1, 1).bool())
         return self._per_device[key]
 
     def key_padding(self, device: torch.device) -> torch.Tensor:
@@ -267,3 +275,16 @@ class DeviceDecodePlan:
             slots = torch.arange(self.window, device=device)
             self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.window)
         return self._per_device[key]
+
+    def key_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = ("key_bias", device, dtype)
+        if key not in self._per_device:
+            self._per_device[key] = _bias(self.key_padding(device), dtype)
+        return self._per_device[key]
+
+
+def _bias(key_padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """True / False -> 0 / -inf."""
+    if key_padding is None:
+        return None
+    return torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device).masked_fill_(~key_padding, -torch.inf)

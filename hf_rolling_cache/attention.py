@@ -129,9 +129,9 @@ def rolling_attention_forward(
 
     plan = attention_mask.plan_for(cache)
     if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over the whole ring
-        slots, real = plan.decode_slots(query.device)
-        layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, real)
-        out = attend_ring(query, layer.keys, layer.values, plan.key_padding(query.device), scaling)
+        slots, keep = plan.decode_slots(query.device)
+        layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
+        out = attend_ring(query, layer.keys, layer.values, plan.key_bias(query.device, query.dtype), scaling)
         cache.layer_written(plan, key.layer_idx)
         return out, None
 
@@ -168,5 +168,7 @@ def _unpack(packed: torch.Tensor, query_index: torch.Tensor | None, batch: int, 
 
 def register() -> None:
     """Register "rolling_xformers" with Transformers' attention and mask interfaces (done on import)."""
-    AttentionInterface.register(ATTENTION_NAME, rolling_attention_forward)
+    # Under torch.compile (use_cuda_graphs(compile=True), or a user's own) the attention is a graph break: its
+    # plan and bookkeeping are Python, and its kernels are already the fused ones.
+    AttentionInterface.register(ATTENTION_NAME, torch.compiler.disable(rolling_attention_forward))
     AttentionMaskInterface.register(ATTENTION_NAME, rolling_mask_interface)

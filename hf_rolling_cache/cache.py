@@ -65,11 +65,30 @@ class _Progress:
         self._host_stale = True
 
 
+def write_tokens(
+    ring_keys: torch.Tensor,
+    ring_values: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> None:
+    """A decode step's ring write: row i of ``keys``/``values`` into flat ring row ``slots[i]``, unless ``keep[i]``
+    is False. A pure tensor function, so CUDA graph decoding can hand a layer a compiled copy (one fused kernel
+    instead of six)."""
+    if keep is not None:
+        keys = torch.where(keep, keys, ring_keys.index_select(0, slots))
+        values = torch.where(keep, values, ring_values.index_select(0, slots))
+    ring_keys.index_copy_(0, slots, keys)
+    ring_values.index_copy_(0, slots, values)
+
+
 class RollingLayer(CacheLayerMixin):
     """One decoder layer's ring: keys and values ``[B, window, H_kv, D]``; row b's slot s holds its newest token
     whose position p has ``p % window == s``."""
 
     is_sliding = True
+    decode_writer = staticmethod(write_tokens)  # an instance may hold a compiled copy (graphs._CompiledLayers)
 
     def __init__(self, window: int, progress: _Progress) -> None:
         super().__init__()
@@ -110,17 +129,12 @@ class RollingLayer(CacheLayerMixin):
         return self.keys.view(-1, heads, head_dim), self.values.view(-1, heads, head_dim)
 
     def write_decode(
-        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, real: torch.Tensor | None
+        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
     ) -> None:
-        """Write one token per sequence (``[B, H_kv, D]``) into ``slots``; where ``real`` is 0 the slot keeps its
-        value, so a padded row changes nothing."""
+        """Write one token per sequence (``[B, H_kv, D]``) into ``slots``; where ``keep`` (``[B, 1, 1]`` bool) is
+        False the slot keeps its value, so a padded row changes nothing."""
         ring_keys, ring_values = self.flat()
-        if real is not None:
-            keep = real.view(-1, 1, 1).bool()
-            keys = torch.where(keep, keys, ring_keys.index_select(0, slots))
-            values = torch.where(keep, values, ring_values.index_select(0, slots))
-        ring_keys.index_copy_(0, slots, keys)
-        ring_values.index_copy_(0, slots, values)
+        self.decode_writer(ring_keys, ring_values, keys, values, slots, keep)
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, indices: PlanIndices) -> None:
         """Write packed new tokens ``[T, H_kv, D]`` into their slots, in place: one slot per kept token."""
@@ -248,6 +262,7 @@ class RollingSlidingWindowCache(Cache):
         self.decode_on_device = False  # plan decode steps on the device (set by CUDA graph decoding)
         self._step_real: torch.Tensor | None = None  # [B] this decode step's real flags, a static buffer
         self._decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
+        self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         self._warned_positions = False
         super().__init__(layers=[RollingLayer(window, self._progress) for _ in range(num_layers)])
 
@@ -258,6 +273,7 @@ class RollingSlidingWindowCache(Cache):
         )
 
     # --- what the model calls --------------------------------------------------------------------------------------
+    @torch.compiler.disable  # a graph break under torch.compile: host-side checks and bookkeeping, no kernels
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Check and stage a layer's new keys and values; the "rolling_xformers" attention writes and reads them.
 

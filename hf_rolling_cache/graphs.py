@@ -9,34 +9,54 @@ are static), the whole step can be captured once per cache and replayed: a step 
 
 Only decode-shaped calls (one column, a rolling cache with history, on CUDA) are replayed; everything else runs
 the model as before. Padding in a decode step is handled in the graph (a padded row writes nothing).
+
+With ``compile=True`` the captured step runs each decoder layer through ``torch.compile`` (regional compilation:
+one compiled code per layer class, re-specialized per ``layer_idx``), so Transformers' RMSNorms, rotary, SiLU and
+residual adds become a few fused kernels. The cache's ``update`` and the attention function stay eager (they are
+``torch.compiler.disable``d, so each is a graph break) and are captured as they are. Compilation happens once per
+model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import RollingSlidingWindowCache
+from .cache import RollingSlidingWindowCache, write_tokens
 
 _ORIGINAL_FORWARD = "_hf_rolling_cache_eager_forward"
+_COMPILED = "_hf_rolling_cache_compiled_layers"
 
 
-def use_cuda_graphs(model: torch.nn.Module) -> None:
-    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache)."""
+def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
+    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache).
+
+    Args:
+        model: a causal LM using the "rolling_xformers" attention.
+        compile: also fuse each decoder layer's elementwise work with ``torch.compile`` before capturing. The
+            first decode step then takes a one-off warm-up (seconds to tens of seconds for a 7B model; see
+            ``cache.decode_graph_warmup_s``), and later steps are faster. Prefill is not compiled.
+    """
     if hasattr(model, _ORIGINAL_FORWARD):
-        return
+        if (getattr(model, _COMPILED) is not None) == compile:
+            return  # already on, as asked
+        release_cuda_graphs(model)  # switch: caches re-capture their graph on their next decode step
     eager_forward = model.forward
+    compiled = _CompiledLayers(model) if compile else None
 
     @functools.wraps(eager_forward)
     def forward(*args, **kwargs):
         cache = kwargs.get("past_key_values")
         if not args and _replayable(cache, kwargs):
-            return _decode_graph(cache, eager_forward, kwargs).run(cache, kwargs)
+            return _decode_graph(cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
+    setattr(model, _COMPILED, compiled)
     model.forward = forward
 
 
@@ -45,6 +65,51 @@ def release_cuda_graphs(model: torch.nn.Module) -> None:
     if hasattr(model, _ORIGINAL_FORWARD):
         del model.forward  # the instance attribute; the class's forward shows through again
         delattr(model, _ORIGINAL_FORWARD)
+        delattr(model, _COMPILED)
+
+
+class _CompiledLayers:
+    """The model's decoder layers and final norm, compiled for the captured decode step only.
+
+    ``torch.compile`` wraps each module's bound ``forward``; `swapped_in` installs those as instance attributes
+    for the warm-up and the capture, then removes them, so every other call runs the user's modules untouched.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+            raise ValueError(
+                f"use_cuda_graphs(compile=True) compiles the decoder layers, but {type(model).__name__} has no "
+                "model.get_decoder().layers: use compile=False for this model."
+            )
+        modules = list(layers)
+        norm = getattr(decoder, "norm", None)
+        if isinstance(norm, torch.nn.Module):
+            modules.append(norm)
+        self.modules = modules
+        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False) for m in modules]
+        self._write_tokens = torch.compile(write_tokens, backend=backend, dynamic=False)
+
+    @contextlib.contextmanager
+    def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
+        """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
+        # One compiled code serves every layer, specialized per layer_idx (a graph-break argument), and again
+        # per batch size: let it hold that many entries instead of falling back to eager after the default 8.
+        limit = 8 * len(self.modules)
+        rings = list(cache.layers) if cache is not None else []
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit)):
+            for module, compiled in zip(self.modules, self._compiled):
+                module.forward = compiled
+            for ring in rings:
+                ring.decode_writer = self._write_tokens
+            try:
+                yield
+            finally:
+                for module in self.modules:
+                    del module.forward
+                for ring in rings:
+                    del ring.decode_writer
 
 
 def _replayable(cache, kwargs) -> bool:
@@ -67,21 +132,39 @@ def _replayable(cache, kwargs) -> bool:
 _TENSORS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 
 
-def _decode_graph(cache: RollingSlidingWindowCache, eager_forward, kwargs) -> _DecodeGraph:
+def _decode_graph(
+    cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
+) -> _DecodeGraph:
     graph = cache._decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
-    if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options):
+    if graph is None or graph.compiled is not compiled or not graph.still_valid(cache, kwargs["input_ids"], options):
         cache._decode_graph = None
-        graph = cache._decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options)
+        graph = cache._decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options, compiled)
     return graph
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up and capture stream per device for every graph: cuBLAS keeps a workspace per stream it has
+    run on, so a fresh stream per capture would leave one more workspace allocated each time."""
+    return torch.cuda.Stream(device)
 
 
 class _DecodeGraph:
     """One captured decode step: static input buffers, the graph, and the logits it writes."""
 
-    def __init__(self, cache: RollingSlidingWindowCache, eager_forward, input_ids: torch.Tensor, options: dict):
+    def __init__(
+        self,
+        cache: RollingSlidingWindowCache,
+        eager_forward,
+        input_ids: torch.Tensor,
+        options: dict,
+        compiled: _CompiledLayers | None = None,
+    ):
+        started = time.perf_counter()
         batch, device = input_ids.shape[0], input_ids.device
         self.options = options  # the graph keeps no reference to its cache: the cache owns the graph
+        self.compiled = compiled
         self.input_ids = input_ids.clone()
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
@@ -94,18 +177,21 @@ class _DecodeGraph:
                 past_key_values=cache, **options,
             )
 
-        # Warm up on a side stream (cuBLAS, allocator), then capture. With every row marked as padding neither
-        # run writes a slot or advances a counter; capturing executes nothing.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step().logits
+        # Warm up on a side stream (cuBLAS, allocator, compilation), then capture. With every row marked as padding
+        # neither run writes a slot or advances a counter; capturing executes nothing.
+        with compiled.swapped_in(cache) if compiled is not None else contextlib.nullcontext():
+            side = _side_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.logits = step().logits
         cache._progress.columns = columns  # the Python of both runs counted two steps that changed nothing
         self.buffers = self._buffers(cache)
+        torch.cuda.synchronize(device)
+        cache.decode_graph_warmup_s = time.perf_counter() - started
 
     @staticmethod
     def _buffers(cache: RollingSlidingWindowCache) -> tuple[int, ...]:
@@ -136,8 +222,8 @@ class _DecodeGraph:
             self.step_mask.fill_(1)
         else:
             self.step_mask.copy_(attention_mask[:, -1:])
-        if position_ids is None:
-            self.position_ids.copy_(cache._progress.device_seen[:, None])
+        if position_ids is None:  # as the eager model counts them: columns so far, padding included
+            self.position_ids.fill_(cache._progress.columns)
         else:
             self.position_ids.copy_(position_ids[:, -1:])
         self.graph.replay()

@@ -75,8 +75,14 @@ def test_ring_decode_kernel_equals_the_padded_keys_mask(kv_seqlens):
     torch.manual_seed(0)
     query = torch.randn(batch, 4, 1, 8)
     ring_keys, ring_values = torch.randn(batch, window, 2, 8), torch.randn(batch, window, 2, 8)
-    got = attend_ring(query, ring_keys, ring_values, plan.key_padding(torch.device("cpu")), 0.3)  # [B, 1, H, D]
+    cpu = torch.device("cpu")
     expected = dense_attention(
         query[:, :, 0], ring_keys.reshape(-1, 2, 8), ring_values.reshape(-1, 2, 8), plan.dense_mask(), 0.3
     )
-    torch.testing.assert_close(got[:, 0], expected, rtol=1e-5, atol=1e-5)
+    for key_mask in (plan.key_padding(cpu), plan.key_bias(cpu, query.dtype)):  # boolean, and the shared bias
+        got = attend_ring(query, ring_keys, ring_values, key_mask, 0.3)  # [B, 1, H, D]
+        torch.testing.assert_close(got[:, 0], expected, rtol=1e-5, atol=1e-5)
+    bias = plan.key_bias(cpu, query.dtype)
+    if bias is not None:
+        assert bias.dtype == query.dtype and set(bias.unique().tolist()) <= {0.0, -torch.inf}
+        assert torch.equal(bias == 0, plan.key_padding(cpu))

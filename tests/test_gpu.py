@@ -93,10 +93,13 @@ def test_generate_on_gpu_matches_sdpa_tokens_in_fp32():
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("chunk,beams", [(None, 1), (1, 1), (WINDOW, 2)])
-def test_cuda_graph_decoding_matches_eager(chunk, beams):
+@pytest.mark.parametrize("chunk,beams,compiled", [
+    (None, 1, False), (1, 1, False), (WINDOW, 2, False), (None, 1, True), (1, 1, True), (WINDOW, 2, True)
+])
+def test_cuda_graph_decoding_matches_eager(chunk, beams, compiled):
     """Replayed decode steps give the eager rolling path's tokens and logits (chunk 1: padded decode-shaped
-    prefill steps go through the graph; beams: rows are reordered in place under the graph)."""
+    prefill steps go through the graph; beams: rows are reordered in place under the graph), with and without
+    the decoder layers compiled."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
 
     # fp32: both paths must pick the same tokens, and bf16 near-ties would let two SDPA kernels disagree
@@ -107,7 +110,7 @@ def test_cuda_graph_decoding_matches_eager(chunk, beams):
                    num_beams=beams, prefill_chunk_size=chunk, output_scores=True, return_dict_in_generate=True,
                    pad_token_id=0)
     eager = model.generate(**options, past_key_values=rolling_cache(model))
-    use_cuda_graphs(model)
+    use_cuda_graphs(model, compile=compiled)
     try:
         cache = rolling_cache(model)
         graphed = model.generate(**options, past_key_values=cache)
@@ -118,3 +121,31 @@ def test_cuda_graph_decoding_matches_eager(chunk, beams):
     for ours, theirs in zip(graphed.scores, eager.scores):
         finite = torch.isfinite(theirs)  # beam search scores carry -inf
         torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphs_in_bf16_agree_with_fp32_like_sdpa(compiled):
+    """The captured decode step in bf16, compiled or not, called as a model call without position_ids on a
+    left-padded batch: its logits' error against fp32 is of the order of Transformers' own bf16 sdpa path's."""
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+
+    continuation = torch.randint(1, 1000, (len(LENGTHS), 3 * WINDOW), generator=torch.Generator().manual_seed(5))
+    model = gpu_model(torch.bfloat16)
+    model.set_attn_implementation("rolling_xformers")
+    eager_logits = teacher_forced(model, rolling_cache, WINDOW, continuation)
+    use_cuda_graphs(model, compile=compiled)
+    try:
+        graph_logits = teacher_forced(model, rolling_cache, WINDOW, continuation)
+    finally:
+        release_cuda_graphs(model)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    sdpa_logits = teacher_forced(sdpa, dynamic_cache, WINDOW, continuation)
+    fp32 = copy.deepcopy(model).float()
+    fp32.set_attn_implementation("eager")
+    truth = teacher_forced(fp32, dynamic_cache, WINDOW, continuation)
+    scale = truth.abs().max().item()
+    errors = {name: (logits - truth).abs().max().item()
+              for name, logits in (("graph", graph_logits), ("eager", eager_logits), ("sdpa", sdpa_logits))}
+    print(f"scale={scale:.3f} " + " ".join(f"{k}={v:.4f}" for k, v in errors.items()))
+    assert errors["graph"] <= 2 * errors["sdpa"] + 2e-3 * scale

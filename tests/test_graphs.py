@@ -1,0 +1,122 @@
+"""CUDA graph decoding's compile option, on CPU: the compiled decoder layers (the "aot_eager" backend, which
+traces and partitions like inductor without generating kernels) give the eager path's logits, break the graph
+at the cache and the attention, and are installed only inside `swapped_in`. The captured graphs themselves run
+in tests/test_gpu.py."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
+from hf_rolling_cache.graphs import _CompiledLayers
+from tests.conftest import model_pair, ragged_batch, tiny_config
+
+WINDOW = 4
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def decode_logits(model, input_ids, attention_mask, steps, compiled=None):
+    """Prefill eagerly, then ``steps`` greedy decode steps planned on the device, through ``compiled`` if given."""
+    cache = RollingSlidingWindowCache(config=model.config)
+    cache.decode_on_device = True
+    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+    logits = []
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        input_ids = torch.cat([input_ids, token], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        if compiled is None:
+            out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache)
+        else:
+            with compiled.swapped_in(cache):
+                out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1), input_ids, attention_mask
+
+
+def test_compiled_layers_match_eager_and_break_at_the_cache_and_attention():
+    reference, model = model_pair(tiny_config(WINDOW, layers=3))
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    steps = 2 * WINDOW + 1
+    eager, sequences, full_mask = decode_logits(model, input_ids, attention_mask, steps)
+
+    torch._dynamo.utils.counters.clear()
+    compiled = _CompiledLayers(model, backend="aot_eager")
+    got, _, _ = decode_logits(model, input_ids, attention_mask, steps, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    expected = reference(input_ids=sequences, attention_mask=full_mask).logits[:, -steps:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+    breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
+    assert "RollingSlidingWindowCache.update" in breaks and "rolling_attention_forward" in breaks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+
+    # A second cache (a new generate call) reuses the compiled code: no new graphs.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(again, eager[:, :2], rtol=0, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_layers_are_installed_only_while_swapped_in():
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    cache = RollingSlidingWindowCache(config=model.config)
+    compiled = _CompiledLayers(model, backend="aot_eager")
+    assert compiled.modules == [*model.model.layers, model.model.norm]
+    with compiled.swapped_in(cache):
+        assert all("forward" in vars(module) for module in compiled.modules)
+        assert all("decode_writer" in vars(layer) for layer in cache.layers)
+    assert not any("forward" in vars(module) for module in compiled.modules)
+    assert not any("decode_writer" in vars(layer) for layer in cache.layers)
+    with pytest.raises(RuntimeError, match="boom"), compiled.swapped_in(cache):
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(module) for module in compiled.modules)
+    assert not any("decode_writer" in vars(layer) for layer in cache.layers)
+
+
+def test_compiled_ring_write_keeps_padded_rows():
+    """The compiled decode write: real rows land in their slots, a padded row's slot keeps its old value."""
+    torch.manual_seed(0)
+    batch, window, heads, head_dim = 3, WINDOW, 2, 8
+    rings = [torch.randn(batch * window, heads, head_dim) for _ in range(2)]
+    new = [torch.randn(batch, heads, head_dim) for _ in range(2)]
+    slots = torch.tensor([1, window + 3, 2 * window])
+    keep = torch.tensor([True, False, True]).view(-1, 1, 1)
+    expected = [ring.clone() for ring in rings]
+    for ring, tokens in zip(expected, new):
+        ring[slots[keep.view(-1)]] = tokens[keep.view(-1)]
+    compiled = _CompiledLayers(model_pair(tiny_config(WINDOW, layers=1))[1], backend="aot_eager")
+    compiled._write_tokens(*rings, *new, slots, keep)
+    for got, want in zip(rings, expected):
+        assert torch.equal(got, want)
+
+
+def test_use_cuda_graphs_switches_compile_on_and_releases():
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    class_forward = type(model).forward
+    use_cuda_graphs(model)
+    assert model._hf_rolling_cache_compiled_layers is None
+    use_cuda_graphs(model, compile=True)  # switches
+    compiled = model._hf_rolling_cache_compiled_layers
+    assert isinstance(compiled, _CompiledLayers)
+    use_cuda_graphs(model, compile=True)  # already so: kept
+    assert model._hf_rolling_cache_compiled_layers is compiled
+    use_cuda_graphs(model)  # and back
+    assert model._hf_rolling_cache_compiled_layers is None
+    release_cuda_graphs(model)
+    assert model.forward.__func__ is class_forward
+    assert not hasattr(model, "_hf_rolling_cache_compiled_layers")
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="compile=False"):
+        use_cuda_graphs(model, compile=True)
+    assert not hasattr(model, "_hf_rolling_cache_eager_forward")
