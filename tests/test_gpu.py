@@ -52,6 +52,16 @@ def dynamic_cache(model):
     return DynamicCache(config=model.config)
 
 
+def references(model, chunk, continuation):
+    """Teacher-forced logits of Transformers' own paths on ``model``'s weights: bf16 sdpa, and fp32 eager (truth)."""
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    fp32 = copy.deepcopy(model).float()
+    fp32.set_attn_implementation("eager")
+    return (teacher_forced(sdpa, dynamic_cache, chunk, continuation),
+            teacher_forced(fp32, dynamic_cache, chunk, continuation))
+
+
 @pytest.mark.parametrize("chunk", [None, 8, WINDOW])
 def test_bf16_logits_agree_with_the_exact_kernel_and_sdpa(chunk):
     continuation = torch.randint(1, 1000, (len(LENGTHS), 3 * WINDOW), generator=torch.Generator().manual_seed(5))
@@ -61,12 +71,7 @@ def test_bf16_logits_agree_with_the_exact_kernel_and_sdpa(chunk):
     assert _kernels._xformers.enabled, "the xFormers kernel fell back"
     with _kernels.exact_kernels():
         exact_logits = teacher_forced(model, rolling_cache, chunk, continuation)
-    sdpa = copy.deepcopy(model)
-    sdpa.set_attn_implementation("sdpa")
-    sdpa_logits = teacher_forced(sdpa, dynamic_cache, chunk, continuation)
-    fp32 = copy.deepcopy(model).float()
-    fp32.set_attn_implementation("eager")
-    truth = teacher_forced(fp32, dynamic_cache, chunk, continuation)
+    sdpa_logits, truth = references(model, chunk, continuation)
 
     def error(logits):
         return (logits - truth).abs().max().item()
@@ -138,12 +143,7 @@ def test_graphs_in_bf16_agree_with_fp32_like_sdpa(compiled):
         graph_logits = teacher_forced(model, rolling_cache, WINDOW, continuation)
     finally:
         release_cuda_graphs(model)
-    sdpa = copy.deepcopy(model)
-    sdpa.set_attn_implementation("sdpa")
-    sdpa_logits = teacher_forced(sdpa, dynamic_cache, WINDOW, continuation)
-    fp32 = copy.deepcopy(model).float()
-    fp32.set_attn_implementation("eager")
-    truth = teacher_forced(fp32, dynamic_cache, WINDOW, continuation)
+    sdpa_logits, truth = references(model, WINDOW, continuation)
     scale = truth.abs().max().item()
     errors = {name: (logits - truth).abs().max().item()
               for name, logits in (("graph", graph_logits), ("eager", eager_logits), ("sdpa", sdpa_logits))}
