@@ -98,18 +98,24 @@ class _CompiledLayers:
         # per batch size: let it hold that many entries instead of falling back to eager after the default 8.
         limit = 8 * len(self.modules)
         rings = list(cache.layers) if cache is not None else []
+        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
+        swaps += [(ring, "decode_writer", self._write_tokens) for ring in rings]
+        # What the instances held before (an Accelerate hook may have set its own forward): put back after.
+        previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
         with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit)):
-            for module, compiled in zip(self.modules, self._compiled):
-                module.forward = compiled
-            for ring in rings:
-                ring.decode_writer = self._write_tokens
+            for obj, name, replacement in swaps:
+                setattr(obj, name, replacement)
             try:
                 yield
             finally:
-                for module in self.modules:
-                    del module.forward
-                for ring in rings:
-                    del ring.decode_writer
+                for (obj, name, _), held in zip(swaps, previous):
+                    if held is _UNSET:
+                        delattr(obj, name)
+                    else:
+                        setattr(obj, name, held)
+
+
+_UNSET = object()
 
 
 def _replayable(cache, kwargs) -> bool:

@@ -80,6 +80,15 @@ def test_compiled_layers_are_installed_only_while_swapped_in():
     assert not any("forward" in vars(module) for module in compiled.modules)
     assert not any("decode_writer" in vars(layer) for layer in cache.layers)
 
+    # A forward the instance already had (as an Accelerate hook sets) is put back, not deleted.
+    def hooked_forward(*args, **kwargs):
+        return type(model.model.norm).forward(model.model.norm, *args, **kwargs)
+
+    model.model.norm.forward = hooked_forward
+    with compiled.swapped_in(cache):
+        assert model.model.norm.forward is not hooked_forward
+    assert model.model.norm.forward is hooked_forward
+
 
 def test_compiled_ring_write_keeps_padded_rows():
     """The compiled decode write: real rows land in their slots, a padded row's slot keeps its old value."""
