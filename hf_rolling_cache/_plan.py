@@ -50,6 +50,17 @@ class PlanIndices(NamedTuple):
     new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
 
 
+def _key_bias(plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """A plan's decode `key_padding` as an additive bias (0 / -inf) in the attention's dtype, made once per step and
+    shared by every layer (SDPA would otherwise turn a boolean mask into one in each layer)."""
+    key = ("key_bias", device, dtype)
+    if key not in plan._per_device:
+        padding = plan.key_padding(device)
+        plan._per_device[key] = None if padding is None else torch.zeros(
+            padding.shape, dtype=dtype, device=device).masked_fill_(~padding, -torch.inf)
+    return plan._per_device[key]
+
+
 @dataclass(frozen=True, eq=False)
 class StepPlan:
     """Everything one forward needs to know about its batch, computed once and shared by all layers."""
@@ -129,13 +140,7 @@ class StepPlan:
             self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.window)
         return self._per_device[key]
 
-    def key_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """`key_padding` as an additive bias (0 / -inf) in the attention's dtype, made once per step and shared by
-        every layer (SDPA would otherwise turn a boolean mask into this in each layer)."""
-        key = ("key_bias", device, dtype)
-        if key not in self._per_device:
-            self._per_device[key] = _bias(self.key_padding(device), dtype)
-        return self._per_device[key]
+    key_bias = _key_bias
 
     def dense_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The mask materialized as a [num_queries, num_keys] float tensor of 0 and -inf (the exact oracle)."""
@@ -276,15 +281,4 @@ class DeviceDecodePlan:
             self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.window)
         return self._per_device[key]
 
-    def key_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = ("key_bias", device, dtype)
-        if key not in self._per_device:
-            self._per_device[key] = _bias(self.key_padding(device), dtype)
-        return self._per_device[key]
-
-
-def _bias(key_padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """True / False -> 0 / -inf."""
-    if key_padding is None:
-        return None
-    return torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device).masked_fill_(~key_padding, -torch.inf)
+    key_bias = _key_bias

@@ -72,7 +72,8 @@ class _CompiledLayers:
     """The model's decoder layers and final norm, compiled for the captured decode step only.
 
     ``torch.compile`` wraps each module's bound ``forward``; `swapped_in` installs those as instance attributes
-    for the warm-up and the capture, then removes them, so every other call runs the user's modules untouched.
+    for the warm-up and the capture, then puts back what was there, so every other call runs the user's modules
+    untouched.
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
