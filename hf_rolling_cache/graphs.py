@@ -144,7 +144,7 @@ def _decode_graph(
 ) -> _DecodeGraph:
     graph = cache._decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
-    if graph is None or graph.compiled is not compiled or not graph.still_valid(cache, kwargs["input_ids"], options):
+    if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
         cache._decode_graph = None
         graph = cache._decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options, compiled)
     return graph
@@ -206,9 +206,12 @@ class _DecodeGraph:
         rings = [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)]
         return (cache._progress.device_seen.data_ptr(), cache._step_real.data_ptr(), *rings)
 
-    def still_valid(self, cache: RollingSlidingWindowCache, input_ids: torch.Tensor, options: dict) -> bool:
+    def still_valid(
+        self, cache: RollingSlidingWindowCache, input_ids: torch.Tensor, options: dict, compiled: _CompiledLayers | None
+    ) -> bool:
         return (
             cache.decode_on_device
+            and compiled is self.compiled
             and input_ids.shape == self.input_ids.shape
             and input_ids.device == self.input_ids.device
             and options == self.options
