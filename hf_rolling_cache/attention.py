@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 from ._kernels import attend_packed, attend_ring
 from ._plan import DeviceDecodePlan, Phase, StepPlan, build_plan, query_layout
@@ -25,7 +25,7 @@ class RollingMask:
 
     batch_size: int
     q_length: int
-    config_window: int | None
+    window: int | None  # the window Transformers built this mask for (its local_size); None: a full causal mask
     padding_mask: torch.Tensor | None  # Transformers' 2D mask, True for real tokens
     device: torch.device | None = None
     num_layers: int | None = None  # the model's, to check the cache against before anything is written
@@ -38,23 +38,24 @@ class RollingMask:
         return self._plan
 
     def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
-        window = self.config_window
+        window = self.window
         if cache is not None and self.num_layers is not None and self.num_layers != len(cache.layers):
             raise ValueError(
                 f"This cache was built for {len(cache.layers)} layers but the model has {self.num_layers}: build the "
                 "cache from this model's config, RollingSlidingWindowCache(config=model.config)."
             )
         if cache is not None:
-            if window is not None and window != cache.window:
+            if window != cache.window:
                 raise ValueError(
-                    f"The model's sliding_window is {window} but the cache's window is {cache.window}: build the "
-                    "cache from this model's config."
+                    f"Transformers built this forward's mask for {_attends(window)}, but the rolling cache holds a "
+                    f"window of {cache.window}: the model does not slide the way the cache does. Build the cache "
+                    "from this model's config, or use hf_rolling_cache.enable(model)."
                 )
-            window = cache.window
         if window is None:
             raise ValueError(
-                "rolling_xformers needs a sliding window, and the model config has none: set "
-                "model.config.sliding_window (or use hf_rolling_cache.enable(model, window=W))."
+                "rolling_xformers needs a sliding window, and this model attends over every token (Transformers "
+                "built a full causal mask): set model.config.sliding_window for a model that reads it (or use "
+                "hf_rolling_cache.enable(model, window=W)), or use Transformers' own attention."
             )
         if cache is not None and cache.decode_on_device and self.q_length == 1 and cache.get_seq_length() > 0:
             device = self.device or (self.padding_mask.device if self.padding_mask is not None else cache.layers[0].device)
@@ -81,15 +82,86 @@ def rolling_mask_interface(
     **kwargs,
 ) -> RollingMask:
     """Transformers' mask hook: instead of a dense mask, keep the 2D padding mask for the step plan."""
+    _check_mask_function(kwargs.get("mask_function"), kwargs.get("local_size"))
     return RollingMask(
         batch_size=batch_size,
         q_length=q_length,
-        config_window=getattr(config, "sliding_window", None),
+        window=kwargs.get("local_size"),
         padding_mask=attention_mask,
         device=kwargs.get("device"),
         num_layers=getattr(config, "num_hidden_layers", None),
         max_positions=getattr(config, "max_position_embeddings", None),
     )
+
+
+def _attends(window: int | None) -> str:
+    return "every token (a full causal mask)" if window is None else f"a sliding window of {window}"
+
+
+def _check_mask_function(mask_function, local_size: int | None) -> None:
+    """Accept only Transformers' plain causal and sliding-window masks: an overlay (``or_mask_function`` /
+    ``and_mask_function``: bidirectional image tokens, packed sequences from ``position_ids``, block overlays) would
+    be dropped by the block-diagonal masks, and the model would attend where Transformers does not."""
+    if mask_function is None or (mask_function is causal_mask_function and local_size is None):
+        return
+    if local_size is not None and _is_sliding_causal(mask_function, local_size):
+        return
+    raise ValueError(
+        "rolling_xformers implements Transformers' causal and sliding-window masks only, but this forward asked for "
+        "another mask (an or_mask_function/and_mask_function overlay: bidirectional attention, packed sequences "
+        "given by position_ids without an attention_mask, or a block overlay). Pass a 2D attention_mask with one "
+        "sequence per row, or use Transformers' own attention for this model."
+    )
+
+
+def _closure(function) -> dict:
+    cells = getattr(function, "__closure__", None) or ()
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _is_sliding_causal(mask_function, window: int) -> bool:
+    """True for exactly ``sliding_window_causal_mask_function(window)``: ``and_masks(overlay(window), causal)``."""
+    parts = _closure(mask_function).get("mask_functions")
+    if mask_function.__qualname__ != "and_masks.<locals>.and_mask" or not parts or len(parts) != 2:
+        return False
+    overlay, causal = parts
+    return (
+        causal is causal_mask_function
+        and overlay.__qualname__ == "sliding_window_overlay.<locals>.inner_mask"
+        and _closure(overlay).get("sliding_window") == window
+    )
+
+
+# Keyword arguments Transformers' models pass that change nothing in what the attention computes.
+_INERT_OPTIONS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits", "output_hidden_states"})
+
+
+def _check_options(kwargs: dict, window: int | None, layer_idx: int | None) -> None:
+    """Refuse every attention option this function does not implement, instead of dropping it."""
+    where = f"layer {layer_idx}" if layer_idx is not None else "this layer"
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != window:
+        raise ValueError(
+            f"The model's {where} attends over sliding_window={kwargs['sliding_window']}, but the rolling cache holds "
+            f"a window of {window} for it. Build the cache from this model's config (after any change to its "
+            "sliding_window), or use hf_rolling_cache.enable(model), which does."
+        )
+    if kwargs.get("is_causal") is False:
+        raise ValueError("rolling_xformers is causal attention; this layer asked for non-causal (is_causal=False).")
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "rolling_xformers does not return attention weights (it never materializes them): drop "
+            "output_attentions=True, or use attn_implementation='eager' for this call."
+        )
+    unknown = sorted(
+        name for name, value in kwargs.items()
+        if name not in _INERT_OPTIONS and name not in ("sliding_window", "is_causal", "output_attentions")
+        and value is not None and value is not False
+    )
+    if unknown:
+        raise ValueError(
+            f"rolling_xformers does not implement the attention option(s) {unknown} that this model passes; it "
+            "refuses them rather than compute something else. Use Transformers' own attention for this model."
+        )
 
 
 def rolling_attention_forward(
@@ -126,7 +198,15 @@ def rolling_attention_forward(
         cache, layer, new_keys, new_values = None, None, key, value
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    window = cache.window if cache is not None else attention_mask.window
+    _check_options(kwargs, window, key.layer_idx if cache is not None else None)
+    if query.is_cuda:  # kernels and copies on this layer's device, whichever device is current (split models)
+        with torch.cuda.device(query.device):
+            return _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling)
+    return _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling)
 
+
+def _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling):
     plan = attention_mask.plan_for(cache)
     if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over the whole ring
         slots, keep = plan.decode_slots(query.device)

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._plan import DeviceDecodePlan, PlanIndices, StepPlan
 from ._ring import slot_positions
+from ._support import layer_windows
 
 ATTENTION_NAME = "rolling_xformers"
 
@@ -235,25 +236,28 @@ class RollingSlidingWindowCache(Cache):
         self, config: PreTrainedConfig | None = None, *, window: int | None = None, num_layers: int | None = None
     ) -> None:
         config_window = getattr(config, "sliding_window", None) if config is not None else None
-        if window is None:
-            window = config_window
+        if config is not None:
+            windows = layer_windows(config, window if config_window is None else None)
+            if any(w is None for w in windows):
+                raise ValueError(
+                    "This model mixes sliding and full-attention layers (layer_types); the rolling cache does not "
+                    "handle full-attention layers yet. Use Transformers' own cache for this model."
+                )
+            if window is not None and config_window is not None and window != config_window:
+                raise ValueError(
+                    f"window={window} disagrees with the model's sliding_window={config_window}. The cache must hold "
+                    "the window the model attends over: drop window=, or set model.config.sliding_window first."
+                )
+            window = windows[0]
+            num_layers = len(windows) if num_layers is None else num_layers
         if window is None:
             raise ValueError(
-                "RollingSlidingWindowCache needs a sliding window, and the model config has none (sliding_window is "
-                "None). Pass window=W, and set model.config.sliding_window = W so the model attends over the same "
-                "window."
+                "RollingSlidingWindowCache needs a sliding window: pass the model's config, or window=W."
             )
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ValueError(f"window must be a positive int, got {window!r}.")
-        if config_window is not None and window != config_window:
-            raise ValueError(
-                f"window={window} disagrees with the model's sliding_window={config_window}. The cache must hold the "
-                "window the model attends over: drop window=, or set model.config.sliding_window first."
-            )
         if num_layers is None:
-            if config is None:
-                raise ValueError("Pass the model's config (or num_layers=) so the cache knows how many layers it has.")
-            num_layers = config.num_hidden_layers
+            raise ValueError("Pass the model's config (or num_layers=) so the cache knows how many layers it has.")
         self.window = window
         self.config = config
         self._progress = _Progress()

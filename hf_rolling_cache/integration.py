@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from ._support import check_model, layer_windows
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
 
 _STATE = "_hf_rolling_cache_enabled"
@@ -38,15 +39,12 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
     if is_enabled(model):
         disable(model)
     config = model.config
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
-        raise ValueError(f"window must be a positive int, got {window!r}.")
-    if window is None and config.sliding_window is None:
-        raise ValueError(
-            "This model's config has no sliding_window: pass hf_rolling_cache.enable(model, window=W)."
-        )
+    check_model(model)
+    windows = layer_windows(config, window)  # refuses, before anything changes, what we would answer differently
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0):
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
-    saved = _Saved(config._attn_implementation, config.sliding_window, prefill_chunk_size or window or config.sliding_window)
+    chunk = prefill_chunk_size or max(w for w in windows if w is not None)
+    saved = _Saved(config._attn_implementation, getattr(config, "sliding_window", None), chunk)
     if window is not None:
         config.sliding_window = window
     model.set_attn_implementation(ATTENTION_NAME)
@@ -54,6 +52,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
 
     @functools.wraps(class_generate)
     def generate(*args, **kwargs):
+        if not _uses_cache(model, kwargs):  # Transformers' own path: every step reruns the whole sequence
+            return class_generate(*args, **kwargs)
         _refuse_rollback(model, kwargs)
         if kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config)
@@ -80,6 +80,14 @@ def disable(model: PreTrainedModel) -> None:
 
 def is_enabled(model: PreTrainedModel) -> bool:
     return getattr(model, _STATE, None) is not None
+
+
+def _uses_cache(model: PreTrainedModel, kwargs: dict) -> bool:
+    """``use_cache=False`` (argument or generation config) means no cache at all, and so no chunked prefill: each
+    chunk would run without the ones before it."""
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+    return use_cache is not False
 
 
 def _refuse_rollback(model: PreTrainedModel, kwargs: dict) -> None:

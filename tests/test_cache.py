@@ -132,7 +132,7 @@ def test_window_from_config_or_explicit():
     with pytest.raises(ValueError, match="disagrees"):
         RollingSlidingWindowCache(config=config, window=5)
     config.sliding_window = None
-    with pytest.raises(ValueError, match="needs a sliding window"):
+    with pytest.raises(ValueError, match="no sliding window"):
         RollingSlidingWindowCache(config=config)
     with pytest.raises(ValueError, match="positive int"):
         RollingSlidingWindowCache(window=0, num_layers=2)

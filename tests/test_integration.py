@@ -92,7 +92,7 @@ def test_disable_restores_the_model():
     hf_rolling_cache.disable(model)
     assert model.config._attn_implementation == "sdpa" and model.config.sliding_window == 4
     assert "generate" not in vars(model) and not hf_rolling_cache.is_enabled(model)
-    with pytest.raises(ValueError, match="no sliding_window"):
+    with pytest.raises(ValueError, match="no sliding window"):
         model.config.sliding_window = None
         hf_rolling_cache.enable(model)
 

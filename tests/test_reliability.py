@@ -46,14 +46,14 @@ def test_model_without_window_and_no_cache_window():
     model.set_attn_implementation("rolling_xformers")
     with pytest.raises(ValueError, match="needs a sliding window"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=False)
-    with pytest.raises(ValueError, match="needs a sliding window"):
+    with pytest.raises(ValueError, match="no sliding window"):
         RollingSlidingWindowCache(config=config)
 
 
 def test_cache_window_disagreeing_with_the_model():
     _, rolling, *_ = prefilled()
     cache = RollingSlidingWindowCache(window=3, num_layers=2)
-    with pytest.raises(ValueError, match="sliding_window is 4 but the cache's window is 3"):
+    with pytest.raises(ValueError, match="attends over sliding_window=4, but the rolling cache holds a window of 3"):
         rolling(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=cache)
     assert cache.seen == [] and cache.get_seq_length() == 0
     assert all(not layer.is_initialized or not layer.keys.any() for layer in cache.layers)  # nothing written
