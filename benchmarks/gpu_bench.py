@@ -5,9 +5,11 @@
     python benchmarks/gpu_bench.py sweep   --new 16384 --every 1024 [--compile]
     python benchmarks/gpu_bench.py grid    --batch 1 8 32 --prompt 2048 8192 32768
     python benchmarks/gpu_bench.py decode --tiny      # a small random model, runs on CPU in seconds
+    python benchmarks/gpu_bench.py decode --shape gemma3-12b --batch 1 8 --prompt 6000   # a hybrid model
 
-Mistral-7B shape (`MistralConfig()` defaults, sliding_window 4096) with random bf16 weights, prompts of random tokens,
-greedy. Prints a table and writes JSON (``--json``). Decode tokens/s are measured between the tokens of one
+Mistral-7B shape (`MistralConfig()` defaults, sliding_window 4096) by default, or Gemma-3-12B shape (hybrid: 48
+layers, 5 sliding with window 1024 to 1 global, 16/8 heads of 256, vocab 262208), with random bf16 weights, prompts
+of random tokens, greedy. Prints a table and writes JSON (``--json``). Decode tokens/s are measured between the tokens of one
 generation, after its first decode step (a CUDA graph's capture); compilation is a reported warm-up.
 """
 
@@ -22,20 +24,35 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
 
+def rolling_cache(model, max_length):
+    # a hybrid model's global layers sized for the whole generation, as enable() does (no growth mid-measurement)
+    return RollingSlidingWindowCache(config=model.config, max_length=max_length)
+
+
+def dynamic_cache(model, max_length):
+    return DynamicCache(config=model.config)
+
+
 PATHS = {
-    # name: (attention implementation, cache factory or None for Transformers' default, prefill chunk)
-    "rolling": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
-    "rolling_graphs": ("rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"),
-    "rolling_graphs_compiled": (
-        "rolling_xformers", lambda model: RollingSlidingWindowCache(config=model.config), "window"
-    ),
-    "hf_dynamic_sdpa": ("sdpa", lambda model: DynamicCache(config=model.config), None),
-    "hf_dynamic_sdpa_chunk": ("sdpa", lambda model: DynamicCache(config=model.config), "window"),
+    # name: (attention implementation, cache factory(model, max_length), prefill chunk)
+    "rolling": ("rolling_xformers", rolling_cache, "window"),
+    "rolling_graphs": ("rolling_xformers", rolling_cache, "window"),
+    "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
+    "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
+    "hf_dynamic_sdpa_chunk": ("sdpa", dynamic_cache, "window"),
 }
 
 
@@ -54,11 +71,21 @@ class Result:
     error: str | None = None
 
 
-def build_model(tiny: bool, device: str) -> MistralForCausalLM:
+def gemma3_12b_config() -> Gemma3TextConfig:
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+    return Gemma3TextConfig(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=1024, layer_types=layer_types)
+
+
+def build_model(tiny: bool, device: str, shape: str = "mistral-7b"):
+    model_class = MistralForCausalLM
     if tiny:
         config = MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
         dtype = torch.float32
+    elif shape == "gemma3-12b":
+        config, model_class, dtype = gemma3_12b_config(), Gemma3ForCausalLM, torch.bfloat16
     else:
         config = MistralConfig()  # Mistral-7B: 32 layers, 32 heads, 8 kv heads, window 4096
         dtype = torch.bfloat16
@@ -68,7 +95,7 @@ def build_model(tiny: bool, device: str) -> MistralForCausalLM:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = MistralForCausalLM(config).eval()
+            model = model_class(config).eval()
         finally:
             torch.set_default_dtype(previous)
     return model
@@ -114,7 +141,7 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         hf_rolling_cache.use_cuda_graphs(model, compile=path == "rolling_graphs_compiled")
     else:
         hf_rolling_cache.release_cuda_graphs(model)
-    cache = make_cache(model)
+    cache = make_cache(model, input_ids.shape[1] + new_tokens)
     chunk_size = model.config.sliding_window if chunk == "window" else None
     sync(device)
     start = time.perf_counter()
@@ -180,7 +207,7 @@ def sweep(model, new_tokens, every, device, compile=False):
     model.set_attn_implementation("rolling_xformers")
     if device.startswith("cuda"):
         hf_rolling_cache.use_cuda_graphs(model, compile=compile)
-    cache = RollingSlidingWindowCache(config=model.config)
+    cache = RollingSlidingWindowCache(config=model.config, max_length=128 + new_tokens + 1)
     input_ids = torch.randint(1, model.config.vocab_size, (1, 128), device=device)
     points, bar = [], tqdm(total=new_tokens, desc="sweep", file=sys.stderr)
     with torch.no_grad():
@@ -214,11 +241,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1024)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--tiny", action="store_true", help="a small random model (CPU-friendly smoke run)")
+    parser.add_argument("--shape", choices=["mistral-7b", "gemma3-12b"], default="mistral-7b",
+                        help="the random model's shape (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="sweep: decode with use_cuda_graphs(compile=True)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args.tiny, device)
+    model = build_model(args.tiny, device, args.shape)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"{machine}; torch {torch.__version__}; weights {weights_bytes / 2**30:.2f} GiB", flush=True)
@@ -233,7 +262,7 @@ def main() -> None:
         del cache  # a B=1 ring (0.5 GiB at 7B) would otherwise count in every row's peak
 
     results: dict = dict(machine=machine, torch=torch.__version__, hf_rolling_cache=hf_rolling_cache.__version__,
-                         mode=args.mode, rows=[])
+                         mode=args.mode, shape="tiny" if args.tiny else args.shape, rows=[])
     if args.mode == "sweep":
         results["rows"] = sweep(model, args.new, args.every, device, args.compile)
         save(results, args.json)

@@ -8,6 +8,10 @@
   the decode mask's per-sequence key lengths as a key-padding mask (the same semantics as
   ``BlockDiagonalCausalWithOffsetPaddedKeysMask``; several times faster than xFormers' padded-keys call at B=1),
   on every device, so CPU tests run the very code the GPU runs.
+- Score caps (``softcap``: Gemma 2) and attention sinks (``sinks``: GPT-OSS) are in neither xFormers nor SDPA:
+  layers that have them attend with plain tensor products, in float32, exactly as Transformers' eager path does:
+  decode over the ring, prefill sequence by sequence in blocks of queries on CUDA (no ``[T, S]`` mask of the whole
+  batch), or with the materialized mask elsewhere.
 
 Grouped query heads share their kv head: query head h reads kv head ``h // (H_q // H_kv)``, as in repeat_kv.
 """
@@ -78,9 +82,19 @@ def exact_kernels() -> Iterator[None]:
 
 
 def attend_packed(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: StepPlan,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill attention over packed tokens with the plan's block-diagonal mask: ``[T, H_q, D]`` out."""
+    if softcap is not None or sinks is not None:
+        if query.is_cuda:
+            return blockwise_attention(query, keys, values, plan, scaling, softcap, sinks)
+        return dense_attention(query, keys, values, plan.dense_mask(query.device), scaling, softcap, sinks)
     if query.is_cuda and _xformers.enabled:
         try:
             return _grouped_xformers(query, keys, values, plan, scaling)
@@ -96,22 +110,80 @@ def _grouped_xformers(query, keys, values, plan, scaling):
     group = query_heads // kv_heads
     q = query.view(1, num_queries, kv_heads, group, head_dim)  # [1, M, G, H, K]
     k = keys.view(1, keys.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
-    v = values.view(1, values.shape[0], kv_heads, 1, head_dim).expand(-1, -1, -1, group, -1)
+    v = values.view(1, values.shape[0], kv_heads, 1, values.shape[-1]).expand(-1, -1, -1, group, -1)
     out = _xformers(q, k, v, plan.mask(query.device), scaling)
-    return out.view(num_queries, query_heads, head_dim)
+    return out.view(num_queries, query_heads, values.shape[-1])
 
 
 def dense_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention from a materialized mask (``[T, S]`` of 0 / -inf), computed in float32."""
     num_queries, query_heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.view(num_queries, kv_heads, query_heads // kv_heads, head_dim).float()
-    scores = torch.einsum("thgd,shd->hgts", grouped, keys.float()) * scaling + bias
-    probs = torch.softmax(scores, dim=-1)
+    scores = torch.einsum("thgd,shd->hgts", grouped, keys.float()) * scaling  # [H_kv, G, T, S]
+    probs = _probabilities(_capped(scores, softcap) + bias, sinks)
     out = torch.einsum("hgts,shd->thgd", probs, values.float())
-    return out.reshape(num_queries, query_heads, head_dim).to(query.dtype)
+    return out.reshape(num_queries, query_heads, values.shape[-1]).to(query.dtype)
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _probabilities(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dimension of ``[..., H_kv, G, rows, S]`` scores; a sink (one logit per query head,
+    ``[H_q]``) joins each row's denominator and is dropped after, as in Transformers' GPT-OSS."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    kv_heads, group = scores.shape[-4], scores.shape[-3]
+    sink = sinks.float().view(kv_heads, group, 1, 1).expand(*scores.shape[:-1], 1)
+    combined = torch.cat([scores, sink], dim=-1)
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
+def blockwise_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: StepPlan,
+    scaling: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    block: int = 1024,
+) -> torch.Tensor:
+    """The exact float32 attention, sequence by sequence and ``block`` queries at a time, with the plan's mask
+    written from positions (the block-diagonal masks' meaning: queries line up with keys from the bottom right,
+    and see the ``window`` keys up to their own). Memory: one ``[H_q, block, kv_seqlen]`` score tile."""
+    num_queries, query_heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    out = query.new_empty(num_queries, query_heads, values.shape[-1])
+    q_start = k_start = 0
+    for q_len, kv_len in zip(plan.q_seqlens, plan.kv_seqlens):
+        key_rows = keys[k_start : k_start + kv_len].float()
+        value_rows = values[k_start : k_start + kv_len].float()
+        key_positions = torch.arange(kv_len, device=query.device)
+        for first in range(0, q_len, block):
+            last = min(first + block, q_len)
+            rows = query[q_start + first : q_start + last].float().view(-1, kv_heads, query_heads // kv_heads, head_dim)
+            scores = _capped(torch.einsum("thgd,shd->hgts", rows, key_rows) * scaling, softcap)
+            query_positions = torch.arange(first, last, device=query.device) + (kv_len - q_len)
+            visible = key_positions[None, :] <= query_positions[:, None]
+            if plan.window is not None:
+                visible &= key_positions[None, :] > query_positions[:, None] - plan.window
+            scores = scores.masked_fill(~visible, -torch.inf)
+            tile = torch.einsum("hgts,shd->thgd", _probabilities(scores, sinks), value_rows)
+            out[q_start + first : q_start + last] = tile.reshape(-1, query_heads, values.shape[-1]).to(query.dtype)
+        q_start += q_len
+        k_start += kv_len
+    return out
 
 
 def attend_ring(
@@ -120,15 +192,35 @@ def attend_ring(
     ring_values: torch.Tensor,
     key_mask: torch.Tensor | None,
     scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention: ``query [B, H_q, 1, D]`` over each sequence's ring ``[B, W, H_kv, D]``.
+    """Decode attention: ``query [B, H_q, 1, D]`` over each sequence's slots ``[B, S, H_kv, D]`` (a ring's window,
+    or a global layer's first S slots).
 
-    ``key_mask`` is ``[B, 1, 1, W]``: True (or a 0 bias) for the slots a sequence has filled, False (or -inf) for
-    the others; ``None`` when every ring is full. Returns ``[B, 1, H_q, D]``.
+    ``key_mask`` is ``[B, 1, 1, S]``: True (or a 0 bias) for the slots a sequence has filled, False (or -inf) for
+    the others; ``None`` when every slot is filled. Returns ``[B, 1, H_q, D]``.
     """
-    keys = ring_keys.transpose(1, 2)  # [B, H_kv, W, D], a view
+    if softcap is not None or sinks is not None:
+        return _ring_products(query, ring_keys, ring_values, key_mask, scaling, softcap, sinks)
+    keys = ring_keys.transpose(1, 2)  # [B, H_kv, S, D], a view
     values = ring_values.transpose(1, 2)
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=key_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
     )
     return out.transpose(1, 2)
+
+
+def _ring_products(query, ring_keys, ring_values, key_mask, scaling, softcap, sinks):
+    """Decode attention with a score cap or sinks: float32 products over the ring, as Transformers' eager path."""
+    batch, query_heads, _, head_dim = query.shape
+    kv_heads = ring_keys.shape[2]
+    grouped = query.view(batch, kv_heads, query_heads // kv_heads, 1, head_dim).float()  # [B, H_kv, G, 1, D]
+    scores = torch.einsum("bhgqd,bshd->bhgqs", grouped, ring_keys.float()) * scaling
+    scores = _capped(scores, softcap)
+    if key_mask is not None:
+        bias = key_mask if key_mask.dtype != torch.bool else torch.zeros(
+            key_mask.shape, device=key_mask.device).masked_fill_(~key_mask, -torch.inf)
+        scores = scores + bias.float().view(batch, 1, 1, 1, -1)
+    out = torch.einsum("bhgqs,bshd->bqhgd", _probabilities(scores, sinks), ring_values.float())
+    return out.reshape(batch, 1, query_heads, ring_values.shape[-1]).to(query.dtype)

@@ -43,26 +43,32 @@ __all__ = [
 ]
 
 
-def first_chunk_mask(q_seqlens: Sequence[int], window: int, device: torch.device | None = None) -> AttentionBias:
-    """First prefill chunk: nothing cached, each token attends to itself and the ``window - 1`` before it."""
-    return BlockDiagonalCausalMask.from_seqlens(q_seqlens, device=device).make_local_attention(window)
+def first_chunk_mask(
+    q_seqlens: Sequence[int], window: int | None, device: torch.device | None = None
+) -> AttentionBias:
+    """First prefill chunk: nothing cached, each token attends to itself and the ``window - 1`` before it (all
+    before it, for a global layer: ``window=None``)."""
+    causal = BlockDiagonalCausalMask.from_seqlens(q_seqlens, device=device)
+    return causal if window is None else causal.make_local_attention(window)
 
 
 def later_chunk_mask(
-    q_seqlens: Sequence[int], kv_seqlens: Sequence[int], window: int, device: torch.device | None = None
+    q_seqlens: Sequence[int], kv_seqlens: Sequence[int], window: int | None, device: torch.device | None = None
 ) -> AttentionBias:
     """A later prefill chunk over [unrotated cache ++ chunk]: queries line up with the keys from the bottom right."""
-    return BlockDiagonalMask.from_seqlens(q_seqlens, kv_seqlens, device=device).make_local_attention_from_bottomright(
+    blocks = BlockDiagonalMask.from_seqlens(q_seqlens, kv_seqlens, device=device)
+    return blocks.make_causal_from_bottomright() if window is None else blocks.make_local_attention_from_bottomright(
         window
     )
 
 
-def decode_mask(kv_seqlens: Sequence[int], window: int, device: torch.device | None = None) -> AttentionBias:
-    """Decode: one query per sequence over its whole ring of ``window`` slots, the first ``kv_seqlens[b]`` valid.
+def decode_mask(kv_seqlens: Sequence[int], key_span: int, device: torch.device | None = None) -> AttentionBias:
+    """Decode: one query per sequence over ``key_span`` slots of its storage (a ring's whole window), the first
+    ``kv_seqlens[b]`` valid.
 
     Ring order does not matter here: the single query attends to every valid slot, and rotary embeddings were
     applied before the keys were written.
     """
     return BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-        q_seqlen=[1] * len(kv_seqlens), kv_padding=window, kv_seqlen=list(kv_seqlens), device=device
+        q_seqlen=[1] * len(kv_seqlens), kv_padding=key_span, kv_seqlen=list(kv_seqlens), device=device
     )

@@ -1,8 +1,12 @@
-"""The per-forward step plan: who is real, which ring slots they go to, which keys each query sees, and the mask.
+"""The per-forward step plan: who is real, which slots they go to, which keys each query sees, and the mask.
 
-It is built once per forward (by the first layer that attends) from host ints only, and shared by every layer.
-Device copies of its index tensors and masks are made once per device, so a model spread over several devices
-moves the plan to each of them once, not once per layer.
+One plan per layer kind and forward (a ring of ``window`` slots, or a global layer: ``window=None``), built from
+host ints only by the step ledger (``_step.py``) and shared by every layer of that kind. Device copies of its index
+tensors and masks are made once per device, so a model spread over several devices moves the plan to each of them
+once, not once per layer.
+
+A layer's storage is ``[B, capacity, H_kv, D]``, flattened to rows ``b * capacity + slot``: for a ring
+``capacity == window``; a global layer keeps every token, in slot = position, and its capacity grows.
 
 Worked example, the seed's walkthrough (``seqlens = [4, 1, 3]``, ``window = 3``, chunks of 2 per sequence)::
 
@@ -15,6 +19,10 @@ Worked example, the seed's walkthrough (``seqlens = [4, 1, 3]``, ``window = 3``,
     decode 1      phase=decode              q_seqlens=[1, 1, 1]  kv_seqlens=[3, 2, 3]
                   positions 4 | 1 | 3 are written to slots 1 | 1 | 0 first, then
                   BlockDiagonalCausalWithOffsetPaddedKeysMask(kv_padding=3) attends over each row's ring.
+
+A global layer of a hybrid model takes the same steps without the window: ``BlockDiagonalCausalMask``, then
+``BlockDiagonalMask.make_causal_from_bottomright()`` over its cached tokens (already in order) ++ the chunk, then
+the padded-keys mask over each row's first ``max(kv_seqlens)`` slots.
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ class PlanIndices(NamedTuple):
 
     query_index: torch.Tensor | None  # [num_queries] rows of the [B * q_length] grid that hold real tokens
     write_source: torch.Tensor  # [num_writes] rows of the packed new tokens that go into the ring
-    write_slot: torch.Tensor  # [num_writes] rows of the flat [B * window] ring they go to
-    gather_slot: torch.Tensor | None  # subsequent prefill: ring rows of the cached tokens, oldest first
+    write_slot: torch.Tensor  # [num_writes] rows of the flat [B * capacity] storage they go to
+    gather_slot: torch.Tensor | None  # subsequent prefill: storage rows of the cached tokens, oldest first
     gather_dest: torch.Tensor | None  # ... and their rows in the packed keys
     new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
 
@@ -66,7 +74,9 @@ class StepPlan:
     """Everything one forward needs to know about its batch, computed once and shared by all layers."""
 
     phase: Phase
-    window: int
+    window: int | None  # None: a global layer, every token attended
+    capacity: int  # slots per sequence in the layer's storage (the window, for a ring)
+    key_span: int  # decode: slots per sequence attended over (the window, or max(kv_seqlens) for a global layer)
     q_length: int  # columns of this forward, padding included
     q_seqlens: tuple[int, ...]  # real query tokens per sequence
     kv_seqlens: tuple[int, ...]  # keys each sequence's queries attend over
@@ -88,8 +98,8 @@ class StepPlan:
 
     @property
     def num_keys(self) -> int:
-        """Rows of the key tensor the attention reads: the packed keys, or for decode the whole flat ring."""
-        return self.batch_size * self.window if self.phase is Phase.DECODE else sum(self.kv_seqlens)
+        """Rows of the key tensor the attention reads: the packed keys, or for decode ``key_span`` slots a row."""
+        return self.batch_size * self.key_span if self.phase is Phase.DECODE else sum(self.kv_seqlens)
 
     def indices(self, device: torch.device) -> PlanIndices:
         """The index tensors on ``device``, copied there once (one host-to-device transfer)."""
@@ -119,7 +129,7 @@ class StepPlan:
             elif self.phase is Phase.SUBSEQUENT_PREFILL:
                 bias = _masks.later_chunk_mask(self.q_seqlens, self.kv_seqlens, self.window, device=device)
             else:
-                bias = _masks.decode_mask(self.kv_seqlens, self.window, device=device)
+                bias = _masks.decode_mask(self.kv_seqlens, self.key_span, device=device)
             self._per_device[key] = bias
         return self._per_device[key]
 
@@ -128,16 +138,16 @@ class StepPlan:
         return self.indices(device).write_slot, None
 
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
-        """Decode: ``[B, 1, 1, window]``, True for the ring slots each sequence has filled (the decode mask's
-        ``kv_seqlen`` as a key-padding mask); ``None`` once every ring is full and nothing needs masking."""
+        """Decode: ``[B, 1, 1, key_span]``, True for the slots each sequence has filled (the decode mask's
+        ``kv_seqlen`` as a key-padding mask); ``None`` when every row fills its span and nothing needs masking."""
         assert self.phase is Phase.DECODE, "key_padding is the decode mask's"
-        if min(self.kv_seqlens) == self.window:
+        if min(self.kv_seqlens) == self.key_span:
             return None
         key = ("key_padding", device)
         if key not in self._per_device:
             kv_seqlens = self.mask(device).k_seqinfo.seqlen  # [B] on device, built with the mask
-            slots = torch.arange(self.window, device=device)
-            self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.window)
+            slots = torch.arange(self.key_span, device=device)
+            self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.key_span)
         return self._per_device[key]
 
     key_bias = _key_bias
@@ -152,12 +162,18 @@ class StepPlan:
         return self._per_device[key]
 
 
-def build_plan(*, window: int, q_length: int, q_seqlens: Sequence[int], seen: Sequence[int]) -> StepPlan:
-    """Plan one forward.
+def build_plan(
+    *, window: int | None, q_length: int, q_seqlens: Sequence[int], seen: Sequence[int], capacity: int | None = None
+) -> StepPlan:
+    """Plan one forward for the layers of one kind (``window=None``: global layers).
 
     ``q_seqlens[b]`` real tokens of sequence ``b`` sit in the last columns of this forward's ``q_length`` columns
     (left padding), and ``seen[b]`` of its tokens are already cached. Positions continue from ``seen``.
+    ``capacity`` is the storage's slots per sequence (default: the window; a global layer's must hold every token).
     """
+    capacity = window if capacity is None else capacity
+    if capacity is None or (window is not None and capacity != window):
+        raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds exactly its window.")
     q_seqlens, seen = tuple(q_seqlens), tuple(seen)
     batch = len(q_seqlens)
     if sum(q_seqlens) == 0:
@@ -175,25 +191,27 @@ def build_plan(*, window: int, q_length: int, q_seqlens: Sequence[int], seen: Se
     if any(n != q_length for n in q_seqlens):
         query_index = [b * q_length + column for b, n in enumerate(q_seqlens) for column in range(q_length - n, q_length)]
 
+    if window is None and max(s + n for s, n in zip(seen, q_seqlens)) > capacity:
+        raise ValueError(f"A global layer of {capacity} slots cannot hold {max(seen)} + {max(q_seqlens)} tokens.")
     # Only the newest `window` tokens of a long chunk are kept: writing more would put two tokens in one slot.
     write_source, write_slot = [], []
     for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
-        for i in range(n - min(n, window), n):
+        for i in range(n - cached_count(n, window), n):
             write_source.append(start + i)
-            write_slot.append(b * window + slot_of(s + i, window))
+            write_slot.append(b * capacity + slot_of(s + i, window))
 
     gather_slot = gather_dest = new_dest = None
     if phase is Phase.PREFILL:
         kv_seqlens = q_seqlens
     elif phase is Phase.DECODE:
-        kv_seqlens = tuple(min(s + 1, window) for s in seen)
+        kv_seqlens = tuple(cached_count(s + 1, window) for s in seen)
     else:
         kv_seqlens = tuple(cached_count(s, window) + n for s, n in zip(seen, q_seqlens))
         gather_slot, gather_dest, new_dest = [], [], []
         kv_start = 0
         for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
             cached = unrotated_slots(s, window)
-            gather_slot += [b * window + slot for slot in cached]
+            gather_slot += [b * capacity + slot for slot in cached]
             gather_dest += range(kv_start, kv_start + len(cached))
             new_dest += range(kv_start + len(cached), kv_start + len(cached) + n)
             kv_start += len(cached) + n
@@ -209,6 +227,8 @@ def build_plan(*, window: int, q_length: int, q_seqlens: Sequence[int], seen: Se
     return StepPlan(
         phase=phase,
         window=window,
+        capacity=capacity,
+        key_span=window if window is not None else max(kv_seqlens),
         q_length=q_length,
         q_seqlens=q_seqlens,
         kv_seqlens=tuple(kv_seqlens),
@@ -249,11 +269,12 @@ def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: i
 @dataclass(eq=False)
 class DeviceDecodePlan:
     """A decode step planned on the device, for CUDA graphs: the same step as a `StepPlan` decode (write each
-    sequence's token at slot ``seen % window``, then attend over its first ``min(seen + 1, window)`` slots), but
-    computed from the cache's device counters, with no host sync and static shapes. A row whose column is padding
-    (``real == 0``) writes nothing and does not advance."""
+    sequence's token at slot ``seen % window``, or ``seen`` for a global layer, then attend over its filled slots),
+    but computed from the cache's device counters, with no host sync and static shapes. A row whose column is
+    padding (``real == 0``) writes nothing and does not advance."""
 
-    window: int
+    window: int | None
+    capacity: int  # slots per sequence; a global layer attends over all of them (the unfilled ones masked)
     seen: torch.Tensor  # [B] int64: real tokens per sequence before this step (the cache's own buffer)
     real: torch.Tensor  # [B] int64: 1 where the sequence has a token in this step
     phase = Phase.DECODE
@@ -264,21 +285,26 @@ class DeviceDecodePlan:
     def batch_size(self) -> int:
         return self.seen.numel()
 
+    @property
+    def key_span(self) -> int:
+        return self.capacity
+
     def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Flat ring rows written this step, and ``[B, 1, 1]`` booleans: True where the row has a token."""
+        """Flat storage rows written this step, and ``[B, 1, 1]`` booleans: True where the row has a token."""
         key = ("slots", device)
         if key not in self._per_device:
             seen, real = self.seen.to(device), self.real.to(device)
-            rows = torch.arange(self.batch_size, device=device) * self.window
-            self._per_device[key] = (rows + seen % self.window, real.view(-1, 1, 1).bool())
+            rows = torch.arange(self.batch_size, device=device) * self.capacity
+            slots = seen if self.window is None else seen % self.window
+            self._per_device[key] = (rows + slots, real.view(-1, 1, 1).bool())
         return self._per_device[key]
 
     def key_padding(self, device: torch.device) -> torch.Tensor:
         key = ("key_padding", device)
         if key not in self._per_device:
             filled = (self.seen.to(device) + self.real.to(device)).clamp(1, self.window)  # >= 1: no empty softmax
-            slots = torch.arange(self.window, device=device)
-            self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.window)
+            slots = torch.arange(self.capacity, device=device)
+            self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.capacity)
         return self._per_device[key]
 
     key_bias = _key_bias

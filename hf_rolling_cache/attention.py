@@ -1,8 +1,9 @@
 """The "rolling_xformers" attention and mask functions, registered with Transformers' interfaces.
 
-Data flows one way per forward: the mask function records the batch's padding layout (`RollingMask`); the first
-layer to attend builds the step plan from it and the cache's counters; every layer then packs its real tokens,
-writes its ring and attends, with that one plan.
+Data flows one way per forward: the mask function records the batch's padding layout and the kind of layer it is
+for (`RollingMask`: Transformers makes one per kind, sliding and full); the first layer to attend opens the step in
+the cache's ledger, which reads the layout once and plans each kind; every layer then packs its real tokens, writes
+its storage and attends, with its kind's plan.
 """
 
 from __future__ import annotations
@@ -14,61 +15,37 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 from ._kernels import attend_packed, attend_ring
+from ._layers import StagedKV
 from ._plan import DeviceDecodePlan, Phase, StepPlan, build_plan, query_layout
-from .cache import ATTENTION_NAME, RollingSlidingWindowCache, StagedKV
+from ._step import clock
+from .cache import ATTENTION_NAME, RollingSlidingWindowCache
 
 
 @dataclass(eq=False)
 class RollingMask:
-    """What every layer of one forward receives as ``attention_mask``: the padding layout, and the plan built
-    from it (once, by the first layer that attends)."""
+    """What every layer of one kind receives as ``attention_mask`` in one forward: the padding layout, the window
+    Transformers built the mask for, and that kind's plan (made once, by the first layer that attends)."""
 
     batch_size: int
     q_length: int
-    window: int | None  # the window Transformers built this mask for (its local_size); None: a full causal mask
+    window: int | None  # the mask's local_size; None: a full causal mask (a global layer)
     padding_mask: torch.Tensor | None  # Transformers' 2D mask, True for real tokens
     device: torch.device | None = None
     num_layers: int | None = None  # the model's, to check the cache against before anything is written
     max_positions: int | None = None  # the model's max_position_embeddings
+    forward: int = field(default_factory=clock.mask_made)  # masks of one forward share this number
     _plan: StepPlan | DeviceDecodePlan | None = field(default=None, repr=False)
 
-    def plan_for(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
+    def plan_for(self, cache: RollingSlidingWindowCache | None, layer) -> StepPlan | DeviceDecodePlan:
         if self._plan is None:
-            self._plan = self._build(cache)
+            if cache is None:  # no cache: one forward over the whole sequence
+                q_seqlens, _ = query_layout(self.padding_mask, self.batch_size, self.q_length)
+                capacity = None if self.window is not None else max(q_seqlens)
+                self._plan = build_plan(window=self.window, q_length=self.q_length, q_seqlens=q_seqlens,
+                                        seen=(0,) * self.batch_size, capacity=capacity)
+            else:
+                self._plan = cache.ledger.plan(self, layer.window, lambda: layer.capacity)
         return self._plan
-
-    def _build(self, cache: RollingSlidingWindowCache | None) -> StepPlan | DeviceDecodePlan:
-        window = self.window
-        if cache is not None and self.num_layers is not None and self.num_layers != len(cache.layers):
-            raise ValueError(
-                f"This cache was built for {len(cache.layers)} layers but the model has {self.num_layers}: build the "
-                "cache from this model's config, RollingSlidingWindowCache(config=model.config)."
-            )
-        if cache is not None:
-            if window != cache.window:
-                raise ValueError(
-                    f"Transformers built this forward's mask for {_attends(window)}, but the rolling cache holds a "
-                    f"window of {cache.window}: the model does not slide the way the cache does. Build the cache "
-                    "from this model's config, or use hf_rolling_cache.enable(model)."
-                )
-        if window is None:
-            raise ValueError(
-                "rolling_xformers needs a sliding window, and this model attends over every token (Transformers "
-                "built a full causal mask): set model.config.sliding_window for a model that reads it (or use "
-                "hf_rolling_cache.enable(model, window=W)), or use Transformers' own attention."
-            )
-        if cache is not None and cache.decode_on_device and self.q_length == 1 and cache.get_seq_length() > 0:
-            device = self.device or (self.padding_mask.device if self.padding_mask is not None else cache.layers[0].device)
-            return cache.device_decode_plan(self.padding_mask, device)
-        q_seqlens, history = query_layout(self.padding_mask, self.batch_size, self.q_length)
-        seen = cache.seen_for(self.batch_size) if cache is not None else (0,) * self.batch_size
-        plan = build_plan(window=window, q_length=self.q_length, q_seqlens=q_seqlens, seen=seen)
-        if cache is not None:
-            columns = None if self.padding_mask is None else self.padding_mask.shape[1]
-            cache.begin_step(plan, history, columns)
-            if self.max_positions is not None and max(plan.seen_after) > self.max_positions:
-                cache.warn_positions_once(max(plan.seen_after), self.max_positions)
-        return plan
 
 
 def rolling_mask_interface(
@@ -134,16 +111,24 @@ def _is_sliding_causal(mask_function, window: int) -> bool:
 
 # Keyword arguments Transformers' models pass that change nothing in what the attention computes.
 _INERT_OPTIONS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits", "output_hidden_states"})
+_IMPLEMENTED = frozenset({"sliding_window", "is_causal", "output_attentions", "softcap", "s_aux"})
 
 
-def _check_options(kwargs: dict, window: int | None, layer_idx: int | None) -> None:
-    """Refuse every attention option this function does not implement, instead of dropping it."""
+def _check_options(kwargs: dict, window: int | None, mask_window: int | None, layer_idx: int | None) -> None:
+    """Refuse every attention option this function does not implement, instead of dropping it, and any layer
+    whose window disagrees with the storage the cache keeps for it."""
     where = f"layer {layer_idx}" if layer_idx is not None else "this layer"
     if "sliding_window" in kwargs and kwargs["sliding_window"] != window:
         raise ValueError(
-            f"The model's {where} attends over sliding_window={kwargs['sliding_window']}, but the rolling cache holds "
-            f"a window of {window} for it. Build the cache from this model's config (after any change to its "
+            f"The model's {where} attends over {_attends(kwargs['sliding_window'])}, but the rolling cache keeps "
+            f"{_attends(window)} for it. Build the cache from this model's config (after any change to its "
             "sliding_window), or use hf_rolling_cache.enable(model), which does."
+        )
+    if mask_window != window:
+        raise ValueError(
+            f"Transformers built the mask of the model's {where} for {_attends(mask_window)}, but the rolling cache "
+            f"keeps {_attends(window)} for it: the model does not slide the way the cache does. Build the cache "
+            "from this model's config, or use hf_rolling_cache.enable(model)."
         )
     if kwargs.get("is_causal") is False:
         raise ValueError("rolling_xformers is causal attention; this layer asked for non-causal (is_causal=False).")
@@ -154,8 +139,7 @@ def _check_options(kwargs: dict, window: int | None, layer_idx: int | None) -> N
         )
     unknown = sorted(
         name for name, value in kwargs.items()
-        if name not in _INERT_OPTIONS and name not in ("sliding_window", "is_causal", "output_attentions")
-        and value is not None and value is not False
+        if name not in _INERT_OPTIONS and name not in _IMPLEMENTED and value is not None and value is not False
     )
     if unknown:
         raise ValueError(
@@ -172,13 +156,18 @@ def rolling_attention_forward(
     attention_mask: RollingMask | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Rolling-window attention for one layer; shaped like Transformers' ``sdpa_attention_forward``.
 
     ``query`` is ``[B, H_q, q, D]``; ``key``/``value`` are the `StagedKV` of a `RollingSlidingWindowCache`, or
-    plain ``[B, H_kv, q, D]`` tensors when no cache is used. Returns ``[B, q, H_q, D]`` (zeros at padding).
+    plain ``[B, H_kv, q, D]`` tensors when no cache is used. ``softcap`` caps the scores as ``tanh(s / c) * c``
+    (Gemma 2); ``s_aux`` holds one attention-sink logit per query head (GPT-OSS): it joins each softmax's
+    denominator and attends to nothing. Returns ``[B, q, H_q, D]`` (zeros at padding).
     """
+    clock.attending()
     if not isinstance(attention_mask, RollingMask):
         raise ValueError(
             "rolling_xformers attention got a precomputed attention mask; it needs the model's 2D padding mask. "
@@ -187,7 +176,8 @@ def rolling_attention_forward(
     if dropout:
         raise ValueError("rolling_xformers is an inference attention: it does not apply dropout (use model.eval()).")
     if isinstance(key, StagedKV):
-        cache, layer, new_keys, new_values = key.cache, key.layer, key.keys, key.values
+        cache, layer, layer_idx, new_keys, new_values = key.cache, key.layer, key.layer_idx, key.keys, key.values
+        window = layer.window
     else:
         if key.shape[-2] != query.shape[-2]:
             raise ValueError(
@@ -195,38 +185,49 @@ def rolling_attention_forward(
                 f"another kind, holding {key.shape[-2]} keys for {query.shape[-2]} queries). Pass "
                 "past_key_values=RollingSlidingWindowCache(config=model.config), or call hf_rolling_cache.enable(model)."
             )
-        cache, layer, new_keys, new_values = None, None, key, value
+        cache, layer, layer_idx, new_keys, new_values = None, None, None, key, value
+        window = attention_mask.window
+    _check_options(kwargs, window, attention_mask.window, layer_idx)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    window = cache.window if cache is not None else attention_mask.window
-    _check_options(kwargs, window, key.layer_idx if cache is not None else None)
+    extras = _Extras(softcap, s_aux)
     if query.is_cuda:  # kernels and copies on this layer's device, whichever device is current (split models)
         with torch.cuda.device(query.device):
-            return _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling)
-    return _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling)
+            return _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras)
+    return _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras)
 
 
-def _attend(query, attention_mask, cache, layer, key, new_keys, new_values, scaling):
-    plan = attention_mask.plan_for(cache)
-    if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over the whole ring
+@dataclass(frozen=True)
+class _Extras:
+    """What some models add to the scores: a tanh cap, and one sink logit per query head."""
+
+    softcap: float | None
+    sinks: torch.Tensor | None  # [H_q]
+
+
+def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras):
+    plan = attention_mask.plan_for(cache, layer)
+    if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over its filled slots
         slots, keep = plan.decode_slots(query.device)
         layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
-        out = attend_ring(query, layer.keys, layer.values, plan.key_bias(query.device, query.dtype), scaling)
-        cache.layer_written(plan, key.layer_idx)
+        keys, values = layer.attended(plan.key_span)
+        key_mask = plan.key_bias(query.device, query.dtype)
+        out = attend_ring(query, keys, values, key_mask, scaling, extras.softcap, extras.sinks)
+        cache.ledger.layer_written(plan, layer_idx)
         return out, None
 
     indices = plan.indices(query.device)
     packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
     packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]
     packed_values = _pack(new_values, indices.query_index)
-    if plan.phase is Phase.SUBSEQUENT_PREFILL:  # the unrotated cache ++ the chunk
-        keys, values = layer.unrotated_with(packed_keys, packed_values, plan, indices)
-    else:  # first chunk: nothing cached yet
+    if plan.phase is Phase.SUBSEQUENT_PREFILL:  # the held tokens (a ring unrotated) ++ the chunk
+        keys, values = layer.history_with(packed_keys, packed_values, plan, indices)
+    else:  # first chunk: nothing held yet
         keys, values = packed_keys, packed_values
-    out = attend_packed(packed_query, keys, values, plan, scaling)
+    out = attend_packed(packed_query, keys, values, plan, scaling, extras.softcap, extras.sinks)
     if cache is not None:  # attend, then write
         layer.write(packed_keys, packed_values, indices)
-        cache.layer_written(plan, key.layer_idx)
+        cache.ledger.layer_written(plan, layer_idx)
     return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
 
 

@@ -105,7 +105,14 @@ def _estimate(args) -> int:
     print(f"full KV cache, batch {args.batch} x {args.seq} tokens: {estimate.format_bytes(full)}")
     print(f"  = 2 x {size} x {shape.layers} x {shape.kv_width} x {args.seq} x {args.batch} bytes")
     if window is None:
-        print("rolling cache: the config gives no sliding window for every layer; pass --window W to size one")
+        print("rolling cache: the config gives no sliding window; pass --window W to size one")
+    elif shape.window is not None and shape.rings < shape.layers:  # a hybrid model
+        rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size, args.seq)
+        rings = estimate.rolling_cache_bytes(shape, args.batch, window, size, 0)
+        print(f"rolling cache, window {window}: {estimate.format_bytes(rolling)} at {args.seq} tokens")
+        print(f"  {shape.rings} sliding layers x {window} slots: {estimate.format_bytes(rings)} at any length; "
+              f"{shape.layers - shape.rings} global layers x {args.seq} tokens: {estimate.format_bytes(rolling - rings)}"
+              " (they keep every token and grow with the length)")
     else:
         rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size)
         print(f"rolling cache, window {window}: {estimate.format_bytes(rolling)} at any length "

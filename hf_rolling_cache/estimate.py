@@ -2,7 +2,8 @@
 
 Per layer and token a cache holds a key and a value of ``n_kv_heads x head_dim`` numbers (grouped-query attention
 stores fewer heads than it queries; for multi-head models this is d_model). A full cache holds every token; the
-rolling cache holds exactly ``window`` slots per sequence, allocated at first use.
+rolling cache holds exactly ``window`` slots per sequence in each sliding layer, allocated at first use, and every
+token in a hybrid model's global (full-attention) layers: flat for the former, growing for the latter.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ class KVShape:
     head_dim: int
     hidden: int  # d_model, the "dim" of seed 002's FLOPs formula
     window: int | None = None
+    sliding_layers: int | None = None  # layers that slide over the window (None: all of them, when there is one)
 
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def rings(self) -> int:
+        """Layers that keep a ring of ``window`` slots; the others keep every token."""
+        if self.window is None:
+            return 0
+        return self.layers if self.sliding_layers is None else self.sliding_layers
 
     @classmethod
     def from_config(cls, config: Mapping | object) -> KVShape:
@@ -41,19 +50,28 @@ class KVShape:
                              "folder to --model-config.")
         kv_heads = field("num_key_value_heads") or heads
         head_dim = field("head_dim") or hidden // heads
-        return cls(layers, kv_heads, head_dim, hidden, window=_window(field))
+        window, sliding_layers = _window(field)
+        return cls(layers, kv_heads, head_dim, hidden, window=window, sliding_layers=sliding_layers)
 
 
-def _window(field) -> int | None:
-    """The sliding window every layer uses, or None. Some configs (Qwen2) keep a ``sliding_window`` value while
-    ``use_sliding_window`` is false, and some mix full-attention layers in (``layer_types``): no ring fits those."""
-    if field("use_sliding_window") is False or "full_attention" in (field("layer_types") or ()):
-        return None
-    return field("sliding_window")
+def _window(field) -> tuple[int | None, int | None]:
+    """The sliding window and how many layers slide over it (None: all). Some configs (Qwen2) keep a
+    ``sliding_window`` value while ``use_sliding_window`` is false; hybrids list their layers' kinds
+    (``layer_types``): only the ``sliding_attention`` ones keep a ring."""
+    window = field("sliding_window") or None
+    if field("use_sliding_window") is False or window is None:
+        return None, None
+    layer_types = field("layer_types")
+    if layer_types is None:
+        return window, None
+    sliding = sum(kind == "sliding_attention" for kind in layer_types)
+    return (window, sliding) if sliding else (None, None)
 
 
 PRESETS = {
     "mistral-7b": KVShape(layers=32, kv_heads=8, head_dim=128, hidden=4096, window=4096),
+    # Gemma 3 12B: 48 layers, 5 sliding (window 1024) to 1 global, 8 kv heads of 256
+    "gemma3-12b": KVShape(layers=48, kv_heads=8, head_dim=256, hidden=3840, window=1024, sliding_layers=40),
     # OPT-30B, the seed's example (001_...): 48 layers, d_model 7168 (56 heads of 128), full attention
     "opt-30b": KVShape(layers=48, kv_heads=56, head_dim=128, hidden=7168, window=None),
 }
@@ -80,9 +98,12 @@ def kv_cache_bytes(shape: KVShape, batch: int, tokens: int, dtype_bytes: int) ->
     return 2 * dtype_bytes * shape.layers * shape.kv_width * tokens * batch
 
 
-def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: int) -> int:
-    """The rolling cache: exactly ``window`` slots per layer and sequence, whatever the length."""
-    return kv_cache_bytes(shape, batch, window, dtype_bytes)
+def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: int, tokens: int = 0) -> int:
+    """The rolling cache: exactly ``window`` slots per sliding layer and sequence whatever the length, and
+    ``tokens`` per global layer (a hybrid model's full-attention layers keep every token)."""
+    rings = shape.rings if shape.window is not None else shape.layers  # --window on a model without one: all slide
+    per_token = 2 * dtype_bytes * shape.kv_width * batch
+    return per_token * (rings * window + (shape.layers - rings) * tokens)
 
 
 A100_FLOPS = 312e12  # seed 002's figure for one A100, to turn FLOPs saved into time

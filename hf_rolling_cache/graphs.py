@@ -26,7 +26,8 @@ import time
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import RollingSlidingWindowCache, write_tokens
+from ._layers import write_tokens
+from .cache import RollingSlidingWindowCache
 
 _ORIGINAL_FORWARD = "_hf_rolling_cache_eager_forward"
 _COMPILED = "_hf_rolling_cache_compiled_layers"
@@ -142,6 +143,7 @@ _TENSORS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 def _decode_graph(
     cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
 ) -> _DecodeGraph:
+    cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
     graph = cache._decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
     if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
@@ -176,7 +178,6 @@ class _DecodeGraph:
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
         cache.decode_on_device = True
-        columns = cache._progress.columns
 
         def step():
             return eager_forward(
@@ -185,8 +186,9 @@ class _DecodeGraph:
             )
 
         # Warm up on a side stream (cuBLAS, allocator, compilation), then capture. With every row marked as padding
-        # neither run writes a slot or advances a counter; capturing executes nothing.
-        with compiled.swapped_in(cache) if compiled is not None else contextlib.nullcontext():
+        # neither run writes a slot or advances a counter (capturing executes nothing): the ledger discards both.
+        swapped = compiled.swapped_in(cache) if compiled is not None else contextlib.nullcontext()
+        with swapped, cache.ledger.discarding():
             side = _side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -195,7 +197,6 @@ class _DecodeGraph:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, stream=side):
                 self.logits = step().logits
-        cache._progress.columns = columns  # the Python of both runs counted two steps that changed nothing
         self.buffers = self._buffers(cache)
         torch.cuda.synchronize(device)
         cache.decode_graph_warmup_s = time.perf_counter() - started
@@ -203,8 +204,8 @@ class _DecodeGraph:
     @staticmethod
     def _buffers(cache: RollingSlidingWindowCache) -> tuple[int, ...]:
         """Addresses the graph reads and writes: if any changes, the graph is stale."""
-        rings = [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)]
-        return (cache._progress.device_seen.data_ptr(), cache._step_real.data_ptr(), *rings)
+        storage = [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (*cache.ledger.step_buffers, *storage)
 
     def still_valid(
         self, cache: RollingSlidingWindowCache, input_ids: torch.Tensor, options: dict, compiled: _CompiledLayers | None
@@ -215,12 +216,12 @@ class _DecodeGraph:
             and input_ids.shape == self.input_ids.shape
             and input_ids.device == self.input_ids.device
             and options == self.options
-            and cache._progress.device_seen is not None
+            and cache.ledger.step_buffers is not None
             and self._buffers(cache) == self.buffers
         )
 
     def run(self, cache: RollingSlidingWindowCache, kwargs: dict) -> CausalLMOutputWithPast:
-        cache._check_usable()
+        cache.ledger.check_usable()
         attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
         if attention_mask is not None and attention_mask.shape[1] != cache.get_seq_length() + 1:
             raise ValueError(
@@ -233,10 +234,9 @@ class _DecodeGraph:
         else:
             self.step_mask.copy_(attention_mask[:, -1:])
         if position_ids is None:  # as the eager model counts them: columns so far, padding included
-            self.position_ids.fill_(cache._progress.columns)
+            self.position_ids.fill_(cache.get_seq_length())
         else:
             self.position_ids.copy_(position_ids[:, -1:])
         self.graph.replay()
-        cache._progress.columns += 1
-        cache._progress.advanced_on_device()
+        cache.ledger.commit_replayed()
         return CausalLMOutputWithPast(logits=self.logits, past_key_values=cache)

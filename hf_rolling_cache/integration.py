@@ -56,7 +56,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
             return class_generate(*args, **kwargs)
         _refuse_rollback(model, kwargs)
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config)
+            max_length = _max_length(model, args, kwargs)  # global layers sized once, not grown
+            kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config, max_length=max_length)
         generation_config = kwargs.get("generation_config")
         if kwargs.get("prefill_chunk_size") is None and getattr(generation_config, "prefill_chunk_size", None) is None:
             kwargs["prefill_chunk_size"] = saved.prefill_chunk_size
@@ -80,6 +81,16 @@ def disable(model: PreTrainedModel) -> None:
 
 def is_enabled(model: PreTrainedModel) -> bool:
     return getattr(model, _STATE, None) is not None
+
+
+def _max_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None:
+    """Columns this generate call can reach (prompt + max_new_tokens), when both are known up front."""
+    prompt = kwargs.get("input_ids", args[0] if args else None)
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    if prompt is None or new is None or not hasattr(prompt, "shape"):
+        return None
+    return prompt.shape[-1] + new
 
 
 def _uses_cache(model: PreTrainedModel, kwargs: dict) -> bool:

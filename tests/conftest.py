@@ -55,6 +55,17 @@ def ragged_batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[to
     return input_ids, attention_mask
 
 
+def word_tokenizer(vocab_size=97):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]",
+                                   padding_side="left")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

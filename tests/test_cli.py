@@ -26,7 +26,7 @@ def test_estimate_reproduces_the_opt_30b_figure(capsys):
     assert 2 * 2 * 48 * 7168 * 1024 * 128 == 180_388_626_432
     assert "180.39 GB (168.00 GiB)" in out
     assert "GB = 10^9 bytes, GiB = 2^30 bytes" in out
-    assert "no sliding window for every layer; pass --window" in out
+    assert "no sliding window; pass --window" in out
     # OPT-30B attends to every token: a window is the user's choice, and the output says what it changes
     windowed = run(capsys, "estimate", "--preset", "opt-30b", "--batch", "128", "--seq", "1024", "--window", "512")
     assert f"rolling cache, window 512: {2 * 2 * 48 * 7168 * 512 * 128 / 1e9:.2f} GB" in windowed
@@ -80,7 +80,21 @@ def test_estimate_ignores_a_window_the_config_turns_off(capsys, tmp_path):
               "sliding_window": 131072, "use_sliding_window": False}
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = run(capsys, "estimate", "--config", str(tmp_path / "config.json"))
-    assert "no sliding window for every layer" in out and "rolling cache, window" not in out
+    assert "no sliding window" in out and "rolling cache, window" not in out
+
+
+def test_estimate_sizes_a_hybrid_model_rings_flat_global_layers_growing(capsys, tmp_path):
+    # Gemma-3-style: 6 layers, 5 sliding (window 512) to 1 global, 1 kv head of 256; bf16, batch 2
+    config = {"num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 1, "hidden_size": 640,
+              "head_dim": 256, "sliding_window": 512, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = run(capsys, "estimate", "--config", str(tmp_path / "config.json"), "--batch", "2", "--seq", "4096",
+              "--dtype", "bf16")
+    per_token = 2 * 2 * 256 * 2  # K and V, bf16, 256 numbers, batch 2
+    rings, globals_ = 5 * 512 * per_token, 1 * 4096 * per_token
+    assert f"{(rings + globals_) / 1e9:,.2f} GB" in out.split("rolling cache, window 512:")[1].splitlines()[0]
+    assert f"5 sliding layers x 512 slots: {rings / 1e9:,.2f} GB" in out
+    assert f"1 global layers x 4096 tokens: {globals_ / 1e9:,.2f} GB" in out
 
 
 def test_walkthrough_prints_the_seed(capsys):

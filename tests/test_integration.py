@@ -11,7 +11,7 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.conftest import model_pair, ragged_batch, tiny_config, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [9, 2, 6]  # ragged, longer than the window
@@ -132,17 +132,6 @@ def test_a_cache_from_another_batch_is_refused(pair):
     with pytest.raises(ValueError, match="another batch|columns"):
         rolling.generate(input_ids=other_ids, attention_mask=other_mask, past_key_values=cache, max_new_tokens=3,
                          pad_token_id=0)
-
-
-def word_tokenizer(vocab_size=97):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]",
-                                   padding_side="left")
 
 
 def test_text_generation_pipeline_in_batches_twice(pair):

@@ -121,3 +121,29 @@ def test_query_layout_rejects_right_padding():
 def test_all_padding_is_an_error():
     with pytest.raises(ValueError, match="no real token"):
         build_plan(window=3, q_length=2, q_seqlens=[0, 0], seen=[1, 1])
+
+
+def test_global_layer_plans_keep_every_token_in_order():
+    """The walkthrough's batch on a global layer (window None): plain causal masks, slot = position, no wrap."""
+    first = build_plan(window=None, capacity=8, q_length=2, q_seqlens=[2, 1, 2], seen=[0, 0, 0])
+    assert grid(first) == SEED_ITERATION_1  # with W=3 nothing was windowed yet either
+    second = build_plan(window=None, capacity=8, q_length=2, q_seqlens=[2, 0, 1], seen=first.seen_after)
+    assert second.kv_seqlens == (4, 1, 3)
+    assert grid(second) == [
+        [1, 1, 1, 0, 0, 0, 0, 0],  # seq 0, position 2: positions 0..2
+        [1, 1, 1, 1, 0, 0, 0, 0],  # seq 0, position 3: all four (no window)
+        [0, 0, 0, 0, 0, 1, 1, 1],
+    ]
+    indices = second.indices(torch.device("cpu"))
+    assert indices.gather_slot.tolist() == [0, 1, 8, 16, 17]  # rows b * capacity + position, oldest first
+    assert indices.write_slot.tolist() == [2, 3, 18]
+    decode = build_plan(window=None, capacity=8, q_length=1, q_seqlens=[1, 1, 1], seen=second.seen_after)
+    assert decode.kv_seqlens == (5, 2, 4) and decode.key_span == 5
+    assert grid(decode) == [
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0],
+    ]
+    assert decode.indices(torch.device("cpu")).write_slot.tolist() == [4, 9, 19]
+    with pytest.raises(ValueError, match="cannot hold"):
+        build_plan(window=None, capacity=4, q_length=1, q_seqlens=[1], seen=[4])

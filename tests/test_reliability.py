@@ -39,13 +39,17 @@ def decode_inputs(attention_mask, columns=1):
 
 # --- misuse: a clear error, and the cache as it was -------------------------------------------------------------
 
-def test_model_without_window_and_no_cache_window():
+def test_model_without_window_attends_fully_without_a_cache_and_refuses_one():
+    """No window means a full causal mask: a forward without a cache is Transformers' own answer; a cache is refused."""
     config = tiny_config(4)
     config.sliding_window = None
-    model = MistralForCausalLM(config).eval()
-    model.set_attn_implementation("rolling_xformers")
-    with pytest.raises(ValueError, match="needs a sliding window"):
-        model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=False)
+    reference, model = model_pair(config)
+    input_ids, attention_mask = ragged_batch([7, 3])
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        got = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no sliding window"):
         RollingSlidingWindowCache(config=config)
 
@@ -53,7 +57,7 @@ def test_model_without_window_and_no_cache_window():
 def test_cache_window_disagreeing_with_the_model():
     _, rolling, *_ = prefilled()
     cache = RollingSlidingWindowCache(window=3, num_layers=2)
-    with pytest.raises(ValueError, match="attends over sliding_window=4, but the rolling cache holds a window of 3"):
+    with pytest.raises(ValueError, match="attends over a sliding window of 4, but the rolling cache keeps a sliding window of 3"):
         rolling(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=cache)
     assert cache.seen == [] and cache.get_seq_length() == 0
     assert all(not layer.is_initialized or not layer.keys.any() for layer in cache.layers)  # nothing written

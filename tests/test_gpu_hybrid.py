@@ -1,0 +1,89 @@
+"""On CUDA: hybrid models (global layers, sinks, softcap) with the xFormers kernels, CUDA graphs and compiled
+layers give Transformers' eager tokens and logits in fp32; a model split over two GPUs gives one GPU's answer, every
+time. Skipped without a GPU (see conftest); the two-GPU test needs two."""
+
+import copy
+
+import pytest
+import torch
+
+import hf_rolling_cache
+from hf_rolling_cache import RollingSlidingWindowCache
+from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.families import build
+
+pytestmark = pytest.mark.gpu
+
+WINDOW = 8
+LENGTHS = [37, 2, 19, 64]
+NEW = 3 * WINDOW
+
+
+def generate(model, **options):
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, seed=3))
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW, do_sample=False,
+                          output_scores=True, return_dict_in_generate=True, pad_token_id=0, **options)
+
+
+def assert_same(got, expected):
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["eager", "graphs", "compiled"])
+@pytest.mark.parametrize("name", ["gemma3", "gpt_oss", "gemma2"])
+def test_hybrid_on_cuda_gives_transformers_tokens_in_fp32(name, path):
+    reference = build(name, WINDOW, seed=2).cuda()
+    expected = generate(reference)
+    model = copy.deepcopy(reference)
+    hf_rolling_cache.enable(model, prefill_chunk_size=5)
+    if path != "eager":
+        hf_rolling_cache.use_cuda_graphs(model, compile=path == "compiled")
+    cache = RollingSlidingWindowCache(config=model.config)
+    got = generate(model, past_key_values=cache, prefill_chunk_size=5)
+    assert_same(got, expected)
+    if path != "eager":
+        assert cache._decode_graph is not None, "no decode step was replayed"
+
+
+def test_global_layers_growing_under_graphs_recapture():
+    """A global layer that outgrows its buffer gets a new one: the graph is captured again, never overruns."""
+    reference = build("gemma3", WINDOW, seed=2).cuda()
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation("rolling_xformers")
+    hf_rolling_cache.use_cuda_graphs(model)
+    options = dict(max_new_tokens=300)
+    cache = RollingSlidingWindowCache(config=model.config)  # no max_length: starts at 256 slots and doubles
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, seed=3))
+    got = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0, **options)
+    want = reference.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=0, **options)
+    assert_same(got, want)
+    assert {layer.keys.shape[1] for layer in cache.layers if not layer.is_sliding} == {512}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_over_two_gpus_is_one_gpus_answer_every_time(dtype):
+    """Layers on cuda:0 and cuda:1 (Accelerate's dispatch): the kernels and copies of each layer run on its own
+    device. 20 generations, each equal to the one-GPU answer (an ordering fault shows up as a difference or a
+    crash, not always the same one)."""
+    from accelerate import dispatch_model
+
+    _, rolling = model_pair(tiny_config(WINDOW, layers=4, heads=8, kv_heads=2, head_dim=64))
+    rolling = rolling.to(dtype)
+    one_gpu = copy.deepcopy(rolling).cuda()
+    split_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                 "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    split = dispatch_model(copy.deepcopy(rolling), device_map=split_map)
+    expected = generate(one_gpu, past_key_values=RollingSlidingWindowCache(config=one_gpu.config))
+    for _ in range(20):
+        cache = RollingSlidingWindowCache(config=split.config)
+        got = generate(split, past_key_values=cache, prefill_chunk_size=WINDOW)
+        assert torch.equal(got.sequences.cpu(), expected.sequences.cpu())
+        worst = max((a.cpu().float() - b.cpu().float()).abs().max().item()
+                    for a, b in zip(got.scores, expected.scores))
+        assert worst <= (1e-4 if dtype == torch.float32 else 1e-2), worst
+    assert {str(layer.keys.device) for layer in cache.layers} == {"cuda:0", "cuda:1"}
