@@ -47,7 +47,7 @@ def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> 
     compiled_ms = None
     if compile:  # the decoder layers through torch.compile, then captured
         hf_rolling_cache.use_cuda_graphs(model, compile=True)
-        cache._decode_graph = None
+        cache.decode_graph = None
         eager()
         print(f"  compile + capture {cache.decode_graph_warmup_s:.1f} s", flush=True)
         compiled_ms = timed(eager, 50)

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 import hf_rolling_cache
-from hf_rolling_cache.walkthrough import tiny_model
+from hf_rolling_cache.tools.walkthrough import tiny_model
 
 
 def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -15,7 +15,7 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache.smollm2 import load_smollm2
+from hf_rolling_cache.tools.smollm2 import load_smollm2
 
 
 def main() -> None:

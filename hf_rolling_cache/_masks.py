@@ -1,4 +1,5 @@
-"""xFormers block-diagonal masks for the three phases of the seed, behind one small interface.
+"""xFormers block-diagonal masks for the three phases of
+"KV Caching in Mistral with Transformers and xFormers", behind one small interface.
 
 xFormers' ``make_local_attention*`` methods differ from class to class; these helpers hide that, so the step plan
 only says which phase it is in and with which seqlens. The mask classes are plain value objects that work on CPU;

@@ -8,7 +8,7 @@ once, not once per layer.
 A layer's storage is ``[B, capacity, H_kv, D]``, flattened to rows ``b * capacity + slot``: for a ring
 ``capacity == window``; a global layer keeps every token, in slot = position, and its capacity grows.
 
-Worked example, the seed's walkthrough (``seqlens = [4, 1, 3]``, ``window = 3``, chunks of 2 per sequence)::
+Worked example, the walkthrough of "KV Caching in Mistral with Transformers and xFormers" (``seqlens = [4, 1, 3]``, ``window = 3``, chunks of 2 per sequence)::
 
     iteration 1   phase=prefill             q_seqlens=[2, 1, 2]  kv_seqlens=[2, 1, 2]
                   BlockDiagonalCausalMask(...).make_local_attention(3); then positions 0,1 | 0 | 0,1 are
@@ -40,7 +40,7 @@ from ._ring import cached_count, slot_of, unrotated_slots
 
 
 class Phase(str, enum.Enum):
-    """The seed's three phases; each has its own mask and its own order of cache write and attention."""
+    """The article's three phases; each has its own mask and its own order of cache write and attention."""
 
     PREFILL = "prefill"  # nothing cached yet: attend within the chunk, then write
     SUBSEQUENT_PREFILL = "subsequent_prefill"  # attend over the unrotated cache ++ the chunk, then write

@@ -58,7 +58,7 @@ class RollingSlidingWindowCache(Cache):
         self.config = config
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
-        self._decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
+        self.decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
         self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         counters = self.ledger.counters
         super().__init__(layers=[KVLayer(w, counters, w or self._global_capacity) for w in windows])
@@ -181,7 +181,7 @@ class RollingSlidingWindowCache(Cache):
         """Forget everything; the storage stays allocated and is reused."""
         super().reset()
         self.ledger.reset()
-        self._decode_graph = None
+        self.decode_graph = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder sequences (beam search): row i becomes old row ``beam_idx[i]``."""

@@ -31,6 +31,7 @@ from .cache import RollingSlidingWindowCache
 
 _ORIGINAL_FORWARD = "_hf_rolling_cache_eager_forward"
 _COMPILED = "_hf_rolling_cache_compiled_layers"
+_HAD_FORWARD = "_hf_rolling_cache_instance_forward"  # the instance had its own forward (an Accelerate hook)
 
 
 def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
@@ -56,6 +57,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
             return _decode_graph(cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
+    setattr(model, _HAD_FORWARD, "forward" in vars(model))
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
     model.forward = forward
@@ -64,9 +66,12 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
 def release_cuda_graphs(model: torch.nn.Module) -> None:
     """Undo `use_cuda_graphs`: the model runs every step eagerly again."""
     if hasattr(model, _ORIGINAL_FORWARD):
-        del model.forward  # the instance attribute; the class's forward shows through again
-        delattr(model, _ORIGINAL_FORWARD)
-        delattr(model, _COMPILED)
+        if getattr(model, _HAD_FORWARD):
+            model.forward = getattr(model, _ORIGINAL_FORWARD)  # the forward it had (an Accelerate hook's)
+        else:
+            del model.forward  # the instance attribute; the class's forward shows through again
+        for name in (_ORIGINAL_FORWARD, _COMPILED, _HAD_FORWARD):
+            delattr(model, name)
 
 
 class _CompiledLayers:
@@ -144,11 +149,11 @@ def _decode_graph(
     cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
 ) -> _DecodeGraph:
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
-    graph = cache._decode_graph
+    graph = cache.decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
     if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
-        cache._decode_graph = None
-        graph = cache._decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options, compiled)
+        cache.decode_graph = None
+        graph = cache.decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options, compiled)
     return graph
 
 

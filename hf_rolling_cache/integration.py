@@ -21,6 +21,7 @@ _ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_e
 class _Saved:
     attn_implementation: str | None
     sliding_window: int | None
+    instance_generate: object | None  # a generate the instance already had (a wrapper of Accelerate's or a user's)
     prefill_chunk_size: int
 
 
@@ -31,7 +32,7 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
         window: the sliding window W. When given, it is written to ``model.config.sliding_window``: the model then
             attends over W tokens in every path, the rolling one as Transformers' own (`disable` restores it).
             By default the config's window is used; a config without one needs ``window``.
-        prefill_chunk_size: prompt tokens per prefill forward; by default the window, as in the seed articles.
+        prefill_chunk_size: prompt tokens per prefill forward; by default the window, as in "KV Caching in Mistral with Transformers and xFormers".
 
     Each call gets a fresh `RollingSlidingWindowCache` unless one is passed as ``past_key_values`` (to continue a
     conversation). Assisted and prompt-lookup generation are refused before anything runs: they roll the cache back.
@@ -44,7 +45,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0):
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
     chunk = prefill_chunk_size or max(w for w in windows if w is not None)
-    saved = _Saved(config._attn_implementation, getattr(config, "sliding_window", None), chunk)
+    saved = _Saved(config._attn_implementation, getattr(config, "sliding_window", None), vars(model).get("generate"),
+                   chunk)
     if window is not None:
         config.sliding_window = window
     model.set_attn_implementation(ATTENTION_NAME)
@@ -72,7 +74,10 @@ def disable(model: PreTrainedModel) -> None:
     saved = getattr(model, _STATE, None)
     if saved is None:
         return
-    del model.generate  # the instance attribute; the class's generate shows through again
+    if saved.instance_generate is None:
+        del model.generate  # the instance attribute; the class's generate shows through again
+    else:
+        model.generate = saved.instance_generate
     model.config.sliding_window = saved.sliding_window
     if saved.attn_implementation is not None:
         model.set_attn_implementation(saved.attn_implementation)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, MistralConfig, MistralForCausalLM
 
-from hf_rolling_cache import estimate
-from hf_rolling_cache._bench import bench_config, cache_bytes
-from hf_rolling_cache.cli import main
+from hf_rolling_cache.tools import estimate
+from hf_rolling_cache.tools.bench import bench_config, cache_bytes
+from hf_rolling_cache.tools.cli import main
 from tests.test_plan import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
 
 

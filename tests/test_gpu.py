@@ -119,7 +119,7 @@ def test_cuda_graph_decoding_matches_eager(chunk, beams, compiled):
     try:
         cache = rolling_cache(model)
         graphed = model.generate(**options, past_key_values=cache)
-        assert cache._decode_graph is not None, "no decode step was replayed"
+        assert cache.decode_graph is not None, "no decode step was replayed"
     finally:
         release_cuda_graphs(model)
     assert torch.equal(graphed.sequences, eager.sequences)

@@ -160,3 +160,24 @@ def test_accelerate_data_parallel_equals_one_process(tmp_path):
     two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
     assert (two["processes"], one["processes"]) == (2, 1)
     assert two["outputs"] == one["outputs"] and len(one["outputs"]) == 8
+
+
+def test_enable_and_graphs_put_back_an_instance_forward_and_generate():
+    """A model dispatched by Accelerate has an instance `forward` (its hook); a user may wrap `generate` too: both
+    come back exactly after disable / release_cuda_graphs."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    _, model = model_pair(tiny_config(4))
+    add_hook_to_module(model, ModelHook())
+    hooked_forward = model.forward
+    assert "forward" in vars(model)
+
+    def user_generate(*args, **kwargs):
+        return type(model).generate(model, *args, **kwargs)
+
+    model.generate = user_generate
+    hf_rolling_cache.enable(model)
+    hf_rolling_cache.use_cuda_graphs(model)
+    hf_rolling_cache.release_cuda_graphs(model)
+    hf_rolling_cache.disable(model)
+    assert vars(model)["forward"] is hooked_forward and vars(model)["generate"] is user_generate

@@ -44,4 +44,4 @@ def test_layers_on_cpu_and_cuda_match_one_device(chunk):
     for ours, theirs in zip(got.scores, expected.scores):
         torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=1e-4)
     assert [layer.keys.device.type for layer in cache.layers] == ["cpu", "cpu", "cuda", "cuda"]
-    assert cache._decode_graph is None
+    assert cache.decode_graph is None

@@ -8,7 +8,7 @@ import torch
 from hf_rolling_cache import RollingSlidingWindowCache
 
 pytest.importorskip("gguf", reason="install the test extra: pip install -e '.[test]'")
-smollm2 = pytest.importorskip("hf_rolling_cache.smollm2")
+smollm2 = pytest.importorskip("hf_rolling_cache.tools.smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_rolling_cache.walkthrough import run_walkthrough
+from hf_rolling_cache.tools.walkthrough import run_walkthrough
 from tests.test_cache import layer0_key
 from tests.test_plan import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
 
@@ -32,7 +32,7 @@ def test_seed_walkthrough_golden():
 
 
 def test_walkthrough_ring_holds_the_keys_of_those_positions():
-    from hf_rolling_cache.walkthrough import tiny_model
+    from hf_rolling_cache.tools.walkthrough import tiny_model
 
     model = tiny_model(3)
     steps, cache = run_walkthrough([4, 1, 3], window=3, chunk=2, new_tokens=5, model=model)

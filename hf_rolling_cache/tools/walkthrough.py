@@ -1,8 +1,8 @@
-"""Replay the seed's walkthrough on a real model: prefill each sequence in chunks of its own, then decode.
+"""Replay the walkthrough of "KV Caching in Mistral with Transformers and xFormers" on a real model: prefill each sequence in chunks of its own, then decode.
 
-The seed (seqlens [4, 1, 3], window 3, chunk 2) takes the first ``chunk`` tokens of every sequence, then the next,
+The article (seqlens [4, 1, 3], window 3, chunk 2) takes the first ``chunk`` tokens of every sequence, then the next,
 and so on, packing whatever each sequence has left; `generate` instead cuts the left-padded batch into columns.
-Both run the same cache and attention code; this module drives the seed's order and records every step.
+Both run the same cache and attention code; this module drives the article's order and records every step.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from .cache import ATTENTION_NAME, RollingSlidingWindowCache
+from ..cache import ATTENTION_NAME, RollingSlidingWindowCache
 
 
 @dataclass(frozen=True)
 class WalkthroughStep:
-    """One forward of the walkthrough, as the seed describes it."""
+    """One forward of the walkthrough, as the article describes it."""
 
     name: str  # "iteration 1", ..., "decode 1", ...
     phase: str  # prefill, subsequent_prefill or decode

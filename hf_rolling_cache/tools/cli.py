@@ -1,4 +1,4 @@
-"""`hf-rolling-cache` (also `python -m hf_rolling_cache`): size a KV cache, walk through the seed's masks, and
+"""`hf-rolling-cache` (also `python -m hf_rolling_cache`): size a KV cache, walk through the article's masks, and
 measure what a KV cache buys."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sizing = commands.add_parser("estimate", help="KV-cache bytes, full and rolling; FLOPs a KV cache saves",
                                  description="KV-cache bytes for a full cache and for the rolling cache, and the "
-                                 "FLOPs a KV cache saves over a generation (seed 002's formula).")
+                                 "FLOPs a KV cache saves over a generation (the simplified count of 'KV Caching in Mistral with "
+                                 "Transformers and xFormers').")
     source = sizing.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(estimate.PRESETS))
     source.add_argument("--config", metavar="PATH", help="a config.json, or a model folder holding one")
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     sizing.add_argument("--tokens", type=_positive, default=10_000, help="generation length for the FLOPs saved")
     sizing.set_defaults(run=_estimate)
 
-    walk = commands.add_parser("walkthrough", help="the seed's prefill/decode walkthrough, step by step",
+    walk = commands.add_parser("walkthrough", help="the prefill/decode walkthrough of 'KV Caching in Mistral with Transformers and xFormers', step by step",
                                description="Runs the real cache and attention on a tiny model and prints each "
-                               "step's phase, seqlens, mask (0/1) and ring slots, as the seed article does.")
+                               "step's phase, seqlens, mask (0/1) and ring slots, as the article does.")
     walk.add_argument("--seqlens", type=_seqlens, default=[4, 1, 3], help="prompt lengths, e.g. 4,1,3")
     walk.add_argument("--window", type=_positive, default=3)
     walk.add_argument("--chunk", type=_positive, default=2)
@@ -123,11 +124,11 @@ def _estimate(args) -> int:
             print(f"  note: more than the full cache at {args.seq} tokens: the ring allocates all {window} slots at "
                   "the first token")
     flops = estimate.flops_saved(args.tokens, shape.kv_heads, shape.hidden, shape.layers)
-    print(f"FLOPs a KV cache saves over {args.tokens} tokens (seed 002's simplified count): {flops:.4e}")
+    print(f"FLOPs a KV cache saves over {args.tokens} tokens (the article's simplified count): {flops:.4e}")
     print(f"  = 2 x (T (T-1) / 2) x n_kv_heads x dim^2 x layers, with T {args.tokens}, n_kv_heads {shape.kv_heads}, "
           f"dim {shape.hidden}, layers {shape.layers}")
     print(f"  about {flops / estimate.A100_FLOPS / 60:,.1f} minutes of an A100 at {estimate.A100_FLOPS:.3g} FLOP/s "
-          "(seed 002's comparison)")
+          "(the article's comparison)")
     return 0
 
 
@@ -213,7 +214,7 @@ def _cells(grid):
 def _bench(args) -> int:
     import torch
 
-    from ._bench import run_bench
+    from .bench import run_bench
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"small random Mistral on {device}: hidden 256, 4 layers, 2 kv heads x 32, window {args.window}, "

@@ -1,4 +1,4 @@
-"""The seeds' "implement a KV cache and test the speed-up": one small random Mistral generating with no cache,
+"""The articles' exercise, "implement a KV cache and test the speed-up": one small random Mistral generating with no cache,
 with Transformers' cache and with the rolling cache, timed, with the KV-cache bytes each holds at the end.
 
 All three paths share the model, the prompt and the attention kernel family ("sdpa" for the first two), so the
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-from .cache import RollingSlidingWindowCache
+from ..cache import RollingSlidingWindowCache
 
 VOCAB = 1000
 

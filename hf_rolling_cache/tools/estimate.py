@@ -1,4 +1,5 @@
-"""KV-cache sizing and the compute a KV cache saves, as the seed articles compute them.
+"""KV-cache sizing and the compute a KV cache saves, as "KV Caching in Mistral with Transformers and xFormers" and
+"【笔记】KV-cache" compute them.
 
 Per layer and token a cache holds a key and a value of ``n_kv_heads x head_dim`` numbers (grouped-query attention
 stores fewer heads than it queries; for multi-head models this is d_model). A full cache holds every token; the
@@ -23,7 +24,7 @@ class KVShape:
     layers: int
     kv_heads: int
     head_dim: int
-    hidden: int  # d_model, the "dim" of seed 002's FLOPs formula
+    hidden: int  # d_model, the "dim" of the article's FLOPs formula
     window: int | None = None
     sliding_layers: int | None = None  # layers that slide over the window (None: all of them, when there is one)
 
@@ -72,7 +73,7 @@ PRESETS = {
     "mistral-7b": KVShape(layers=32, kv_heads=8, head_dim=128, hidden=4096, window=4096),
     # Gemma 3 12B: 48 layers, 5 sliding (window 1024) to 1 global, 8 kv heads of 256
     "gemma3-12b": KVShape(layers=48, kv_heads=8, head_dim=256, hidden=3840, window=1024, sliding_layers=40),
-    # OPT-30B, the seed's example (001_...): 48 layers, d_model 7168 (56 heads of 128), full attention
+    # OPT-30B, the example of "【笔记】KV-cache": 48 layers, d_model 7168 (56 heads of 128), full attention
     "opt-30b": KVShape(layers=48, kv_heads=56, head_dim=128, hidden=7168, window=None),
 }
 
@@ -106,11 +107,12 @@ def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: in
     return per_token * (rings * window + (shape.layers - rings) * tokens)
 
 
-A100_FLOPS = 312e12  # seed 002's figure for one A100, to turn FLOPs saved into time
+A100_FLOPS = 312e12  # the article's figure for one A100, to turn FLOPs saved into time
 
 
 def flops_saved(tokens: int, kv_heads: int, dim: int, layers: int) -> int:
-    """Seed 002's simplified count, kept as the seed states it: decoding step t saves 2 (t-1) n_kv_heads dim^2
+    """The simplified count of "KV Caching in Mistral with Transformers and xFormers", kept as
+    the article states it: decoding step t saves 2 (t-1) n_kv_heads dim^2
     FLOPs per layer (recomputing the t-1 earlier tokens' keys and values); over T tokens, 2 (T (T-1) / 2)
     n_kv_heads dim^2 per layer."""
     return tokens * (tokens - 1) * kv_heads * dim * dim * layers
