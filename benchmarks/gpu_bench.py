@@ -26,8 +26,12 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import (
     DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     StoppingCriteria,
@@ -53,6 +57,9 @@ PATHS = {
     "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
     "hf_dynamic_sdpa_chunk": ("sdpa", dynamic_cache, "window"),
+    # models whose scores Transformers' sdpa cannot cap or sink (Gemma 2, GPT-OSS): its eager attention
+    "hf_dynamic_eager": ("eager", dynamic_cache, None),
+    "hf_dynamic_eager_chunk": ("eager", dynamic_cache, "window"),
 }
 
 
@@ -78,14 +85,33 @@ def gemma3_12b_config() -> Gemma3TextConfig:
                             sliding_window=1024, layer_types=layer_types)
 
 
+def gpt_oss_20b_config() -> GptOssConfig:
+    """GPT-OSS-20B's shape: 24 layers alternating sliding (W=128) and global, attention sinks, 32 experts top-4."""
+    return GptOssConfig(num_hidden_layers=24, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                        vocab_size=201088, sliding_window=128)
+
+
+def gemma2_9b_config() -> Gemma2Config:
+    """Gemma-2-9B's shape: 42 layers alternating sliding (W=4096) and global, attention score softcap 50."""
+    return Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+
+
+SHAPES = {"gemma3-12b": (gemma3_12b_config, Gemma3ForCausalLM), "gpt-oss-20b": (gpt_oss_20b_config, GptOssForCausalLM),
+          "gemma2-9b": (gemma2_9b_config, Gemma2ForCausalLM)}
+
+
 def build_model(tiny: bool, device: str, shape: str = "mistral-7b"):
     model_class = MistralForCausalLM
     if tiny:
         config = MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
         dtype = torch.float32
-    elif shape == "gemma3-12b":
-        config, model_class, dtype = gemma3_12b_config(), Gemma3ForCausalLM, torch.bfloat16
+    elif shape in SHAPES:
+        make_config, model_class = SHAPES[shape]
+        config, dtype = make_config(), torch.bfloat16
     else:
         config = MistralConfig()  # Mistral-7B: 32 layers, 32 heads, 8 kv heads, window 4096
         dtype = torch.bfloat16
@@ -241,7 +267,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1024)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--tiny", action="store_true", help="a small random model (CPU-friendly smoke run)")
-    parser.add_argument("--shape", choices=["mistral-7b", "gemma3-12b"], default="mistral-7b",
+    parser.add_argument("--shape", choices=["mistral-7b", *SHAPES], default="mistral-7b",
                         help="the random model's shape (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="sweep: decode with use_cuda_graphs(compile=True)")
     parser.add_argument("--json", default=None, help="write the results here")
