@@ -62,8 +62,9 @@ class KVLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Allocate the storage on first use, check later states fit it, and hand them back unwritten."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        fresh = self._counters.batch_size == 0 and self._counters.columns == 0  # a new cache, or one just reset
+        if not self.is_initialized or (fresh and key_states.shape[0] != self.keys.shape[0]):
+            self.lazy_initialization(key_states, value_states)  # (again, for a reset cache's new batch size)
         else:
             batch, _, heads, head_dim = self.keys.shape
             if (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (batch, heads, head_dim):
@@ -185,3 +186,12 @@ class StagedKV:
     @property
     def layer(self) -> KVLayer:
         return self.cache.layers[self.layer_idx]
+
+    def __getattr__(self, name: str):
+        """Another attention function reading these as tensors (``key.shape``, ``key.transpose``...) gets a clear
+        error instead of a confusing one."""
+        raise AttributeError(
+            f"An attention function read .{name} of the staged keys of a RollingSlidingWindowCache: the cache works "
+            "only with attn_implementation='rolling_xformers'. Call model.set_attn_implementation('rolling_xformers') "
+            "after `import hf_rolling_cache`, or use Transformers' own caches with other attention implementations."
+        )

@@ -99,8 +99,11 @@ class RollingSlidingWindowCache(Cache):
 
         Returns the same `StagedKV` twice (as the key and the value argument of the attention function).
         """
-        implementation = getattr(self.config, "_attn_implementation", ATTENTION_NAME)
-        if implementation != ATTENTION_NAME:
+        # A config that names its attention (the model's own) is checked here, before anything is allocated; one
+        # that does not (a copy loaded from the checkpoint) is checked by the staged keys, which refuse to be read
+        # by any attention function but ours.
+        implementation = getattr(self.config, "_attn_implementation", None)
+        if implementation is not None and implementation != ATTENTION_NAME:
             raise ValueError(
                 f"RollingSlidingWindowCache works only with attn_implementation='{ATTENTION_NAME}', but the model "
                 f"uses '{implementation}'. Call model.set_attn_implementation('{ATTENTION_NAME}') after "
@@ -178,7 +181,8 @@ class RollingSlidingWindowCache(Cache):
         return -1
 
     def reset(self) -> None:
-        """Forget everything; the storage stays allocated and is reused."""
+        """Forget everything. The storage stays allocated and is reused by a batch of the same size; a batch of
+        another size gets new storage at its first forward."""
         super().reset()
         self.ledger.reset()
         self.decode_graph = None
@@ -210,19 +214,18 @@ class RollingSlidingWindowCache(Cache):
     def is_croppable(self) -> bool:
         return all(s <= self.window for s in self.ledger.counters.seen)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the newest ``-tokens_to_remove`` tokens (Transformers' convention: a negative count).
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` columns, or drop the last ``-max_length`` if negative (Transformers'
+        convention).
 
         Exact only while no sequence has wrapped its ring (at most ``window`` tokens each): after that, the tokens
         a rollback would bring back into the window have been overwritten, and this raises instead.
         """
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove, as Transformers' caches do.")
-        count = -tokens_to_remove
-        if count == 0:
-            return
         self.ledger.check_usable()
         counters = self.ledger.counters
+        count = -max_length if max_length < 0 else counters.columns - max_length
+        if count <= 0:
+            return
         seen = counters.seen
         if count > counters.columns or any(s < count for s in seen):
             raise ValueError(f"Cannot remove {count} tokens: the sequences hold only {seen}.")

@@ -111,6 +111,10 @@ def test_crop_within_the_window_and_refused_past_it():
     _, cache = generate(model, [3, 2], new_tokens=3)  # seen [5, 4] <= window
     cache.crop(-2)
     assert cache.seen == [3, 2] and cache.get_seq_length() == 3
+    cache.crop(2)  # Transformers' positive form: keep the first 2 columns
+    assert cache.seen == [2, 1] and cache.get_seq_length() == 2
+    cache.crop(5)  # longer than held: nothing to drop
+    assert cache.get_seq_length() == 2
     _, wrapped = generate(model, [3, 2], new_tokens=9)  # seen [11, 10] > window
     with pytest.raises(ValueError, match="past the window"):
         wrapped.crop(-1)
@@ -157,3 +161,29 @@ def test_cache_refuses_another_batch():
     with pytest.raises(ValueError, match="columns|belongs to another batch"):
         model(input_ids=other_ids, attention_mask=other_mask, past_key_values=cache)
     assert cache.seen == [4, 3]
+
+
+def test_a_config_copy_of_the_same_model_serves_and_a_foreign_attention_is_refused_clearly():
+    """A cache built from a copy of the config (as AutoConfig.from_pretrained gives) serves the rolling model; if the
+    model's attention is another one, the staged keys it touches raise an error that says what to do."""
+    reference, model = model_pair(tiny_config(4))
+    copy_of_config = type(model.config).from_dict(model.config.to_dict())
+    assert getattr(copy_of_config, "_attn_implementation", None) is None
+    input_ids, attention_mask = ragged_batch([7, 3])
+    expected, _ = generate(model, [7, 3], new_tokens=5)
+    got = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
+                         pad_token_id=0, past_key_values=RollingSlidingWindowCache(config=copy_of_config))
+    assert torch.equal(got, expected)
+    with pytest.raises(AttributeError, match="set_attn_implementation\\('rolling_xformers'\\)"):
+        reference(input_ids=input_ids, attention_mask=attention_mask,
+                  past_key_values=RollingSlidingWindowCache(config=copy_of_config))
+
+
+def test_reset_serves_a_batch_of_another_size():
+    reference, model = model_pair(tiny_config(4))
+    _, cache = generate(model, [7, 3], new_tokens=4)
+    cache.reset()
+    input_ids, attention_mask = ragged_batch([9, 2, 5])
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**options, past_key_values=cache), reference.generate(**options))
+    assert cache.layers[0].keys.shape[0] == 3
