@@ -176,8 +176,6 @@ def build_plan(
         raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds exactly its window.")
     q_seqlens, seen = tuple(q_seqlens), tuple(seen)
     batch = len(q_seqlens)
-    if sum(q_seqlens) == 0:
-        raise ValueError("This forward has no real token: every column of its attention_mask is padding.")
 
     if not any(seen):
         phase = Phase.PREFILL
@@ -228,7 +226,7 @@ def build_plan(
         phase=phase,
         window=window,
         capacity=capacity,
-        key_span=window if window is not None else max(kv_seqlens),
+        key_span=window if window is not None else max(kv_seqlens, default=0),
         q_length=q_length,
         q_seqlens=q_seqlens,
         kv_seqlens=tuple(kv_seqlens),
@@ -257,9 +255,17 @@ def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: i
     q_seqlens, left_padded, history = torch.stack((columns.sum(dim=1), left_padded, history)).tolist()
     bad = [b for b, ok in enumerate(left_padded) if not ok]
     if bad:
+        right = [b for b in bad if columns[b, -1] == 0]
+        holes = [b for b in bad if columns[b, -1] != 0]
+        problems = []
+        if right:
+            problems.append(f"sequences {right} are right padded (they end with padding)")
+        if holes:
+            problems.append(f"sequences {holes} have padding between real tokens (a hole in the attention_mask)")
         raise ValueError(
-            f"Sequences {bad} are right padded (a pad follows a real token in this forward's attention_mask). "
-            "The rolling cache needs left padding: set tokenizer.padding_side = 'left'."
+            f"In this forward's attention_mask, {' and '.join(problems)}. The rolling cache needs each row's padding "
+            "on the left, before its first real token: set tokenizer.padding_side = 'left', and mark every token "
+            "after the first real one as real."
         )
     if padding_mask.shape[1] == q_length:
         return q_seqlens, None

@@ -216,6 +216,10 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
         cache.ledger.layer_written(plan, layer_idx)
         return out, None
 
+    if plan.num_queries == 0:  # every column of this chunk is padding (a batch padded to a fixed length): a no-op
+        if cache is not None:
+            cache.ledger.layer_written(plan, layer_idx)
+        return query.new_zeros(*query.shape[:1], query.shape[2], query.shape[1], new_values.shape[-1]), None
     indices = plan.indices(query.device)
     packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
     packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]

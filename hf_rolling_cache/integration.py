@@ -57,12 +57,13 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
         if not _uses_cache(model, kwargs):  # Transformers' own path: every step reruns the whole sequence
             return class_generate(*args, **kwargs)
         _refuse_rollback(model, kwargs)
+        _refuse_other_caches(model, kwargs)
         if kwargs.get("past_key_values") is None:
             max_length = _max_length(model, args, kwargs)  # global layers sized once, not grown
             kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config, max_length=max_length)
-        generation_config = kwargs.get("generation_config")
-        if kwargs.get("prefill_chunk_size") is None and getattr(generation_config, "prefill_chunk_size", None) is None:
-            kwargs["prefill_chunk_size"] = saved.prefill_chunk_size
+        else:
+            _check_continuation(kwargs["past_key_values"], args, kwargs)
+        _choose_chunking(model, kwargs, saved.prefill_chunk_size)
         return class_generate(*args, **kwargs)
 
     model.generate = generate
@@ -86,6 +87,56 @@ def disable(model: PreTrainedModel) -> None:
 
 def is_enabled(model: PreTrainedModel) -> bool:
     return getattr(model, _STATE, None) is not None
+
+
+def _option(model: PreTrainedModel, kwargs: dict, name: str):
+    """A generate option as Transformers reads it: the argument, else the generation config passed, else the
+    model's."""
+    if name in kwargs:
+        return kwargs[name]
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    return getattr(generation_config, name, None)
+
+
+def _refuse_other_caches(model: PreTrainedModel, kwargs: dict) -> None:
+    implementation = _option(model, kwargs, "cache_implementation")
+    if implementation is not None:
+        raise ValueError(
+            f"cache_implementation={implementation!r} asks Transformers for a cache of its own, but "
+            "hf_rolling_cache.enable(model) gives every generate call a RollingSlidingWindowCache. Drop "
+            "cache_implementation, or call hf_rolling_cache.disable(model) to use Transformers' caches."
+        )
+
+
+def _check_continuation(cache, args: tuple, kwargs: dict) -> None:
+    """A cache passed back continues its conversation: the new input must hold the whole conversation so far."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    held = cache.get_seq_length()
+    if held and input_ids is not None and input_ids.shape[-1] <= held:
+        raise ValueError(
+            f"This cache has processed {held} columns, but the new input_ids have only {input_ids.shape[-1]}. A cache "
+            "passed back to generate continues its conversation: pass the whole conversation so far (the previous "
+            "output followed by the new tokens), or a new RollingSlidingWindowCache (or cache.reset()) for a new batch."
+        )
+
+
+def _choose_chunking(model: PreTrainedModel, kwargs: dict, default: int) -> None:
+    """Chunked prefill unless asked otherwise: an explicit ``prefill_chunk_size`` (``None`` turns it off) is kept;
+    prompts given as ``inputs_embeds`` are not chunked (Transformers' chunked prefill splits ``input_ids`` only)."""
+    explicit = "prefill_chunk_size" in kwargs or _option(model, kwargs, "prefill_chunk_size") is not None
+    if not explicit:
+        kwargs["prefill_chunk_size"] = None if kwargs.get("inputs_embeds") is not None else default
+    chunk = _option(model, kwargs, "prefill_chunk_size")
+    if chunk is not None and kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "Transformers' chunked prefill splits input_ids only, and this call gives the prompt as inputs_embeds: "
+            "pass prefill_chunk_size=None (the rolling cache then takes the prompt in one forward)."
+        )
+    if chunk is not None and _option(model, kwargs, "output_hidden_states"):
+        raise ValueError(
+            "With chunked prefill, generate returns the hidden states of the last prompt chunk only: pass "
+            "prefill_chunk_size=None to get the whole prompt's."
+        )
 
 
 def _max_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None:

@@ -181,3 +181,46 @@ def test_enable_and_graphs_put_back_an_instance_forward_and_generate():
     hf_rolling_cache.release_cuda_graphs(model)
     hf_rolling_cache.disable(model)
     assert vars(model)["forward"] is hooked_forward and vars(model)["generate"] is user_generate
+
+
+def test_inputs_embeds_and_an_explicit_no_chunking(pair):
+    reference, rolling = pair
+    input_ids, attention_mask = ragged_batch(LENGTHS)
+    embeds = rolling.get_input_embeddings()(input_ids)
+    options = dict(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                   pad_token_id=0)
+    assert torch.equal(rolling.generate(**options), reference.generate(**options))
+    with pytest.raises(ValueError, match="splits input_ids only"):
+        rolling.generate(**options, prefill_chunk_size=3)
+    ids_options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                       pad_token_id=0)
+    assert torch.equal(rolling.generate(**ids_options, prefill_chunk_size=None), reference.generate(**ids_options))
+
+
+def test_options_that_would_mislead_are_refused(pair):
+    _, rolling = pair
+    input_ids, attention_mask = ragged_batch(LENGTHS)
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, pad_token_id=0)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        rolling.generate(**options, cache_implementation="static")
+    with pytest.raises(ValueError, match="hidden states of the last prompt chunk"):
+        rolling.generate(**options, output_hidden_states=True, return_dict_in_generate=True)
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    rolling.generate(**options, past_key_values=cache)
+    short_ids, short_mask = ragged_batch([2, 3, 1, 2])
+    with pytest.raises(ValueError, match="pass the whole conversation"):
+        rolling.generate(input_ids=short_ids, attention_mask=short_mask, past_key_values=cache, max_new_tokens=2)
+
+
+def test_a_batch_padded_to_a_fixed_length_with_a_first_chunk_of_padding(pair):
+    """padding="max_length": the first prefill chunk can be all padding; it changes nothing, as in Transformers."""
+    reference, rolling = pair
+    input_ids, attention_mask = ragged_batch([3, 2])
+    pad = torch.zeros(2, 6, dtype=torch.long)
+    input_ids, attention_mask = torch.cat([pad, input_ids], 1), torch.cat([pad, attention_mask], 1)
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    got, expected = rolling.generate(**options, prefill_chunk_size=4), reference.generate(**options)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

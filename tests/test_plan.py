@@ -118,9 +118,17 @@ def test_query_layout_rejects_right_padding():
         query_layout(mask, 2, 3)
 
 
-def test_all_padding_is_an_error():
-    with pytest.raises(ValueError, match="no real token"):
-        build_plan(window=3, q_length=2, q_seqlens=[0, 0], seen=[1, 1])
+def test_an_all_padding_chunk_plans_nothing():
+    """A batch padded to a fixed length can bring a first chunk of padding only: nothing to write or attend."""
+    plan = build_plan(window=3, q_length=2, q_seqlens=[0, 0], seen=[1, 1])
+    assert plan.num_queries == 0 and plan.seen_after == (1, 1)
+    assert plan.indices(torch.device("cpu")).write_slot.numel() == 0
+
+
+def test_a_hole_is_named_as_a_hole():
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"sequences \[0\] have padding between real tokens"):
+        query_layout(mask, 2, 3)
 
 
 def test_global_layer_plans_keep_every_token_in_order():
