@@ -68,6 +68,8 @@ def main() -> None:
     if state.is_main_process:
         with open(args.out, "w") as handle:
             json.dump({"processes": state.num_processes, "outputs": gathered}, handle)
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a process group left to the interpreter's exit can abort a rank (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = load_smollm2(window=args.window, dtype=dtype)
     model.to(args.device)
+    hf_rolling_cache.enable(model, prefill_chunk_size=args.chunk)  # the rolling attention, chunked prefill
     if args.device.startswith("cuda"):
         hf_rolling_cache.use_cuda_graphs(model, compile=args.compile)  # decode steps replay one captured graph
     elif args.compile:
@@ -48,7 +49,6 @@ def main() -> None:
     output = model.generate(
         **inputs,
         past_key_values=cache,
-        prefill_chunk_size=args.chunk or args.window,
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
         temperature=0.7,

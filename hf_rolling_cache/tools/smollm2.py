@@ -27,10 +27,12 @@ def smollm2_folder() -> Path:
 
 
 def load_smollm2(
-    window: int = 256, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "rolling_xformers"
+    window: int = 256, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> tuple[MistralForCausalLM, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct as a ``MistralForCausalLM`` with ``sliding_window=window``, and its tokenizer (left
-    padding). Needs the `gguf` package; loads offline in about half a minute on a CPU."""
+    padding). The model keeps Transformers' own attention (``attn_implementation``): ``hf_rolling_cache.enable``
+    switches it to the rolling cache, and ``disable`` back. Needs the `gguf` package; loads offline in about half a
+    minute on a CPU."""
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     tokenizer.padding_side = "left"
