@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -43,6 +44,8 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
             first decode step then takes a one-off warm-up (seconds to tens of seconds for a 7B model; see
             ``cache.decode_graph_warmup_s``), and later steps are faster. Prefill is not compiled.
     """
+    if not torch.cuda.is_available():
+        _warn_no_cuda()
     if hasattr(model, _ORIGINAL_FORWARD):
         if (getattr(model, _COMPILED) is not None) == compile:
             return  # already on, as asked
@@ -61,6 +64,15 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
     model.forward = forward
+
+
+@functools.cache
+def _warn_no_cuda() -> None:
+    warnings.warn(
+        "use_cuda_graphs: CUDA is not available here, so every decode step runs eagerly (the same tokens, without "
+        "graphs).",
+        stacklevel=3,
+    )
 
 
 def release_cuda_graphs(model: torch.nn.Module) -> None:

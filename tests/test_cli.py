@@ -192,3 +192,15 @@ def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "hf_rolling_cache", "--help"], capture_output=True, text=True,
                             check=True)
     assert "estimate" in result.stdout and "walkthrough" in result.stdout and "bench" in result.stdout
+
+
+def test_version_and_help_without_a_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("hf-rolling-cache 0.1.0")
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "estimate" in out and "walkthrough" in out and "bench" in out
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    assert "(default: 10000)" in capsys.readouterr().out  # --tokens; every option shows its default

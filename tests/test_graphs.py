@@ -3,6 +3,8 @@ traces and partitions like inductor without generating kernels) give the eager p
 at the cache and the attention, and are installed only inside `swapped_in`. The captured graphs themselves run
 in tests/test_gpu.py."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -129,3 +131,18 @@ def test_compile_refuses_a_model_without_decoder_layers():
     with pytest.raises(ValueError, match="compile=False"):
         use_cuda_graphs(model, compile=True)
     assert not hasattr(model, "_hf_rolling_cache_eager_forward")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without CUDA")
+def test_use_cuda_graphs_without_cuda_warns_once():
+    from hf_rolling_cache import graphs, release_cuda_graphs, use_cuda_graphs
+
+    graphs._warn_no_cuda.cache_clear()
+    _, model = model_pair(tiny_config(4))
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        use_cuda_graphs(model)
+    release_cuda_graphs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        use_cuda_graphs(model)  # once per process
+    release_cuda_graphs(model)

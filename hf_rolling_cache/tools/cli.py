@@ -13,6 +13,9 @@ from . import estimate
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # no subcommand: the whole help, not a one-line usage error
+        parser.print_help()
+        return 2
     try:
         return args.run(args)
     except ValueError as error:
@@ -20,36 +23,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-rolling-cache", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from .. import __version__
 
-    sizing = commands.add_parser("estimate", help="KV-cache bytes, full and rolling; FLOPs a KV cache saves",
+    parser = argparse.ArgumentParser(prog="hf-rolling-cache", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    sizing = commands.add_parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, name="estimate", help="KV-cache bytes, full and rolling; FLOPs a KV cache saves",
                                  description="KV-cache bytes for a full cache and for the rolling cache, and the "
-                                 "FLOPs a KV cache saves over a generation (the simplified count of 'KV Caching in Mistral with "
-                                 "Transformers and xFormers').")
+                                 "FLOPs a KV cache saves over a generation (the simplified count of 'KV Caching "
+                                 "in Mistral with Transformers and xFormers').")
     source = sizing.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(estimate.PRESETS))
     source.add_argument("--config", metavar="PATH", help="a config.json, or a model folder holding one")
     source.add_argument("--model-config", metavar="NAME_OR_PATH",
                         help="a model's config through Transformers' AutoConfig, from local files only")
-    sizing.add_argument("--batch", type=_positive, default=1)
+    sizing.add_argument("--batch", type=_positive, default=1, help="sequences held together")
     sizing.add_argument("--seq", type=_positive, default=1024, help="tokens per sequence (prompt + generation)")
-    sizing.add_argument("--dtype", default="fp16", choices=sorted(estimate.DTYPE_BYTES))
+    sizing.add_argument("--dtype", default="fp16", choices=sorted(estimate.DTYPE_BYTES), help="element type of K and V")
     sizing.add_argument("--window", type=_positive, help="sliding window (overrides the config's)")
     sizing.add_argument("--tokens", type=_positive, default=10_000, help="generation length for the FLOPs saved")
     sizing.set_defaults(run=_estimate)
 
-    walk = commands.add_parser("walkthrough", help="the prefill/decode walkthrough of 'KV Caching in Mistral with Transformers and xFormers', step by step",
+    walk = commands.add_parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, name="walkthrough", help="the prefill/decode walkthrough of 'KV Caching in Mistral with "
+                               "Transformers and xFormers', step by step",
                                description="Runs the real cache and attention on a tiny model and prints each "
                                "step's phase, seqlens, mask (0/1) and ring slots, as the article does.")
     walk.add_argument("--seqlens", type=_seqlens, default=[4, 1, 3], help="prompt lengths, e.g. 4,1,3")
-    walk.add_argument("--window", type=_positive, default=3)
-    walk.add_argument("--chunk", type=_positive, default=2)
+    walk.add_argument("--window", type=_positive, default=3, help="sliding window W")
+    walk.add_argument("--chunk", type=_positive, default=2, help="prefill chunk per sequence")
     walk.add_argument("--new", type=_non_negative, default=5, help="tokens to decode")
     walk.add_argument("--png", metavar="FILE", help="also draw the masks and slots, one panel per step")
     walk.set_defaults(run=_walkthrough)
 
-    bench = commands.add_parser("bench", help="no cache vs Transformers' cache vs the rolling cache",
+    bench = commands.add_parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, name="bench", help="no cache vs Transformers' cache vs the rolling cache",
                                 description="Tokens/s and KV-cache memory over growing generation lengths on a "
                                 "small random Mistral (GPU when present): no cache, Transformers' cache, the rolling "
                                 "cache.")
