@@ -37,10 +37,37 @@ def write_tokens(
 
 
 class KVLayer(CacheLayerMixin):
-    """One decoder layer's keys and values, ``[B, capacity, H_kv, D]``.
+    """One decoder layer's keys and values, stored as ``slot_keys``/``slot_values`` ``[B, capacity, H_kv, D]``
+    (one token per slot, so a slot's write is one contiguous row).
+
+    ``keys``/``values`` are the same storage in Transformers' layout, ``[B, H_kv, capacity, D]`` views, in slot
+    order: a ring's slot s holds the newest position p with ``p % window == s`` (so its tokens are in sequence
+    order only from the oldest slot on: `RollingSlidingWindowCache.slot_positions` says which position each holds),
+    a global layer's slot p holds position p. Slots not yet written hold zeros.
 
     ``window`` is the layer's sliding window (a ring: ``capacity == window``), or ``None`` for a global layer.
     """
+
+    slot_keys: torch.Tensor | None = None  # [B, capacity, H_kv, D]
+    slot_values: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """``[B, H_kv, capacity, D]``, a view of the storage (Transformers' layout)."""
+        return None if self.slot_keys is None else self.slot_keys.transpose(1, 2)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:  # Transformers' layout in, our layout stored
+        self.slot_keys = None if value is None else value.transpose(1, 2).contiguous()
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """``[B, H_kv, capacity, D_v]``, a view of the storage (Transformers' layout)."""
+        return None if self.slot_values is None else self.slot_values.transpose(1, 2)
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self.slot_values = None if value is None else value.transpose(1, 2).contiguous()
 
     decode_writer = staticmethod(write_tokens)  # an instance may hold a compiled copy (graphs._CompiledLayers)
 
@@ -54,8 +81,8 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = torch.zeros(batch, self.capacity, heads, head_dim, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(  # values may be narrower than keys (MiMo's v_head_dim)
+        self.slot_keys = torch.zeros(batch, self.capacity, heads, head_dim, dtype=self.dtype, device=self.device)
+        self.slot_values = torch.zeros(  # values may be narrower than keys (MiMo's v_head_dim)
             batch, self.capacity, heads, value_states.shape[-1], dtype=value_states.dtype, device=self.device
         )
         self.is_initialized = True
@@ -63,10 +90,10 @@ class KVLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Allocate the storage on first use, check later states fit it, and hand them back unwritten."""
         fresh = self._counters.batch_size == 0 and self._counters.columns == 0  # a new cache, or one just reset
-        if not self.is_initialized or (fresh and key_states.shape[0] != self.keys.shape[0]):
+        if not self.is_initialized or (fresh and key_states.shape[0] != self.slot_keys.shape[0]):
             self.lazy_initialization(key_states, value_states)  # (again, for a reset cache's new batch size)
         else:
-            batch, _, heads, head_dim = self.keys.shape
+            batch, _, heads, head_dim = self.slot_keys.shape
             if (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (batch, heads, head_dim):
                 raise ValueError(
                     f"This cache layer holds batch {batch} x {heads} kv heads x head_dim {head_dim}, but got key "
@@ -85,7 +112,7 @@ class KVLayer(CacheLayerMixin):
         """A global layer: hold ``capacity`` slots per sequence from now on, keeping what it holds."""
         assert self.window is None and capacity >= self.capacity, "only a global layer grows"
         if self.is_initialized and capacity > self.capacity:
-            for name in ("keys", "values"):
+            for name in ("slot_keys", "slot_values"):
                 old = getattr(self, name)
                 new = old.new_zeros(old.shape[0], capacity, *old.shape[2:])
                 new[:, : old.shape[1]] = old
@@ -95,7 +122,7 @@ class KVLayer(CacheLayerMixin):
     # --- storage access, used by the attention function ------------------------------------------------------------
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as ``[B * capacity, H_kv, D]`` views (row b's slots start at ``b * capacity``)."""
-        return self.keys.flatten(0, 1), self.values.flatten(0, 1)
+        return self.slot_keys.flatten(0, 1), self.slot_values.flatten(0, 1)
 
     def write_decode(
         self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
@@ -127,14 +154,14 @@ class KVLayer(CacheLayerMixin):
 
     def attended(self, key_span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: the first ``key_span`` slots of every row, ``[B, key_span, H_kv, D]`` views."""
-        if key_span == self.keys.shape[1]:
-            return self.keys, self.values
-        return self.keys[:, :key_span], self.values[:, :key_span]
+        if key_span == self.slot_keys.shape[1]:
+            return self.slot_keys, self.slot_values
+        return self.slot_keys[:, :key_span], self.slot_values[:, :key_span]
 
     def memory_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.slot_keys, self.slot_values))
 
     # --- Transformers' layer contract --------------------------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -151,26 +178,26 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.keys.zero_()
-            self.values.zero_()
+            self.slot_keys.zero_()
+            self.slot_values.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows become ``beam_idx``'s, in place (the storage, and a graph reading it, stay valid)."""
         if self.is_initialized:
             rows = beam_idx.to(self.device)
-            self.keys.copy_(self.keys.index_select(0, rows))
-            self.values.copy_(self.values.index_select(0, rows))
+            self.slot_keys.copy_(self.slot_keys.index_select(0, rows))
+            self.slot_values.copy_(self.slot_values.index_select(0, rows))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             rows = indices.to(self.device)
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
+            self.slot_keys = self.slot_keys.index_select(0, rows)
+            self.slot_values = self.slot_values.index_select(0, rows)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+            self.slot_keys = self.slot_keys.repeat_interleave(repeats, dim=0)
+            self.slot_values = self.slot_values.repeat_interleave(repeats, dim=0)
 
 
 @dataclass(frozen=True)

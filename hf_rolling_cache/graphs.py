@@ -221,7 +221,7 @@ class _DecodeGraph:
     @staticmethod
     def _buffers(cache: RollingSlidingWindowCache) -> tuple[int, ...]:
         """Addresses the graph reads and writes: if any changes, the graph is stale."""
-        storage = [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)]
+        storage = [t.data_ptr() for layer in cache.layers for t in (layer.slot_keys, layer.slot_values)]
         return (*cache.ledger.step_buffers, *storage)
 
     def still_valid(

@@ -43,7 +43,7 @@ def test_ring_holds_exactly_the_newest_window_of_each_sequence(chunk):
     lengths = [6, 1, 3]
     out, cache = generate(model, lengths, new_tokens=7, chunk=chunk)
     width = max(lengths)
-    ring = cache.layers[0].keys  # [B, W, H_kv, D]
+    ring = cache.layers[0].slot_keys  # [B, W, H_kv, D]
     for row, length in enumerate(lengths):
         tokens = out[row, width - length :].tolist()[:-1]  # the last generated token was never fed back
         assert cache.seen[row] == len(tokens)
@@ -80,7 +80,7 @@ def test_memory_is_b_times_w_slots_and_never_reallocated():
     per_layer = 2 * len(lengths) * window * 2 * 16 * 4  # K and V, B x W slots, 2 kv heads x 16 dims, fp32
     assert sizes == {per_layer * model.config.num_hidden_layers}
     assert len(pointers) == model.config.num_hidden_layers  # same storage from the first write to the last
-    assert tuple(cache.layers[0].keys.shape) == (2, window, 2, 16)
+    assert tuple(cache.layers[0].slot_keys.shape) == (2, window, 2, 16)
 
 
 def test_seq_length_counts_columns_and_seen_counts_real_tokens():
@@ -187,3 +187,16 @@ def test_reset_serves_a_batch_of_another_size():
     options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**options, past_key_values=cache), reference.generate(**options))
     assert cache.layers[0].keys.shape[0] == 3
+
+
+def test_keys_and_values_in_transformers_layout_are_views_of_the_slots():
+    """Code written for Transformers' caches reads layer.keys as [B, H_kv, S, D]: the same storage, in slot order."""
+    _, model = model_pair(tiny_config(4))
+    _, cache = generate(model, [6, 2], new_tokens=3)
+    layer = cache.layers[0]
+    assert tuple(layer.keys.shape) == (2, 2, 4, 16) and tuple(layer.slot_keys.shape) == (2, 4, 2, 16)
+    assert layer.keys.data_ptr() == layer.slot_keys.data_ptr()
+    torch.testing.assert_close(layer.values[1, :, 3], layer.slot_values[1, 3])
+    stored = layer.keys.clone()
+    layer.offload()  # Transformers' own layer code assigns keys in its layout: stored back in ours
+    assert layer.keys.device.type == "cpu" and torch.equal(layer.keys, stored) and layer.slot_keys.is_contiguous()

@@ -61,7 +61,7 @@ def test_family_gives_transformers_tokens(name, chunk):
     held = [n + NEW - 1 for n in PROMPTS]
     assert cache.seen == held
     for layer in cache.layers:  # rings hold exactly W slots; global layers hold at least every token
-        assert layer.keys.shape[1] == WINDOW if layer.is_sliding else layer.keys.shape[1] >= max(held)
+        assert layer.slot_keys.shape[1] == WINDOW if layer.is_sliding else layer.slot_keys.shape[1] >= max(held)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -151,7 +151,7 @@ def test_memory_by_kind_rings_flat_global_layers_grow():
                        do_sample=False, pad_token_id=0)
         sizes.append((cache.memory_bytes(SLIDING), cache.memory_bytes(FULL)))
     layer = cache.layers[0]
-    ring_bytes = 2 * 2 * WINDOW * layer.keys.shape[2] * layer.keys.shape[3] * 4 * model.config.layer_types.count(SLIDING)
+    ring_bytes = 2 * 2 * WINDOW * layer.slot_keys.shape[2] * layer.slot_keys.shape[3] * 4 * model.config.layer_types.count(SLIDING)
     assert sizes[0][0] == sizes[1][0] == ring_bytes  # flat
     assert sizes[1][1] > sizes[0][1]  # global layers keep every token
     assert cache.memory_bytes() == sum(sizes[1])
@@ -163,7 +163,7 @@ def test_max_length_preallocates_global_layers():
     input_ids, attention_mask = ragged_batch([6, 3], seed=1)
     model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=20,
                    do_sample=False, pad_token_id=0)
-    assert {layer.keys.shape[1] for layer in cache.layers if not layer.is_sliding} == {40}
+    assert {layer.slot_keys.shape[1] for layer in cache.layers if not layer.is_sliding} == {40}
 
 
 def test_mask_sizes_per_kind():

@@ -57,7 +57,7 @@ def test_a_long_generation_past_the_window_gives_transformers_tokens(models):
     assert_same(got, expected)
     assert cache.seen == [24 + 720 - 1]  # past the window: every ring has wrapped
     layer = next(layer for layer in cache.layers if layer.is_sliding)
-    per_layer_slot = 2 * layer.keys.shape[2] * layer.keys.shape[3] * 4  # K and V, fp32
+    per_layer_slot = 2 * layer.slot_keys.shape[2] * layer.slot_keys.shape[3] * 4  # K and V, fp32
     assert cache.memory_bytes(SLIDING) == 15 * 512 * per_layer_slot  # flat: 512 slots per ring
     assert cache.memory_bytes(FULL) == 3 * (24 + 720) * per_layer_slot  # every token, sized up front
 

@@ -68,7 +68,7 @@ def test_greedy_parity(window, prompts, chunk):
     assert len(got.scores) == len(expected.scores) == 3 * window + 2
     for step, (ours, theirs) in enumerate(zip(got.scores, expected.scores)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=f"step {step}")
-    assert cache.memory_bytes() == 2 * 2 * len(lengths) * window * cache.layers[0].keys.shape[2] * 16 * 4
+    assert cache.memory_bytes() == 2 * 2 * len(lengths) * window * cache.layers[0].slot_keys.shape[2] * 16 * 4
 
 
 @pytest.mark.parametrize("window,chunk", [(4, None), (8, 5)])

@@ -61,7 +61,7 @@ def test_global_layers_growing_under_graphs_recapture():
     want = reference.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, output_scores=True,
                               return_dict_in_generate=True, pad_token_id=0, **options)
     assert_same(got, want)
-    assert {layer.keys.shape[1] for layer in cache.layers if not layer.is_sliding} == {512}
+    assert {layer.slot_keys.shape[1] for layer in cache.layers if not layer.is_sliding} == {512}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

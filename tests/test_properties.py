@@ -49,7 +49,7 @@ def test_parity_and_ring_invariants(case):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
     window, width = case["window"], input_ids.shape[1]
-    ring = cache.layers[0].keys  # [B, W, H_kv, D]
+    ring = cache.layers[0].slot_keys  # [B, W, H_kv, D]
     for row, length in enumerate(case["lengths"]):
         tokens = got.sequences[row, width - length :].tolist()[:-1]  # the last token was never fed back
         assert cache.seen[row] == len(tokens)

@@ -36,7 +36,7 @@ def test_walkthrough_ring_holds_the_keys_of_those_positions():
 
     model = tiny_model(3)
     steps, cache = run_walkthrough([4, 1, 3], window=3, chunk=2, new_tokens=5, model=model)
-    ring = cache.layers[0].keys
+    ring = cache.layers[0].slot_keys
     for row, (positions, tokens) in enumerate(zip(steps[-1].slot_positions, steps[-1].tokens)):
         for slot, position in enumerate(positions):
             torch.testing.assert_close(ring[row, slot], layer0_key(model, tokens[position], position))
