@@ -58,6 +58,17 @@ class PlanIndices(NamedTuple):
     new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
 
 
+def _window_slots(newest: torch.Tensor, kv_seqlens: torch.Tensor, window: int | None, slots: int) -> torch.Tensor:
+    """``[B, 1, 1, slots]``: True where a slot holds one of the ``kv_seqlens[b]`` newest positions (up to
+    ``newest[b]``). A ring's slot s holds the latest position ``p <= newest`` with ``p % slots == s``; a global
+    layer's slot s holds position s."""
+    slot = torch.arange(slots, device=newest.device)
+    newest = newest[:, None]
+    held = slot[None, :] if window is None else newest - (newest - slot) % slots
+    valid = (held >= 0) & (held <= newest) & (held > newest - kv_seqlens[:, None])
+    return valid.view(-1, 1, 1, slots)
+
+
 def _key_bias(plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """A plan's decode `key_padding` as an additive bias (0 / -inf) in the attention's dtype, made once per step and
     shared by every layer (SDPA would otherwise turn a boolean mask into one in each layer)."""
@@ -128,7 +139,8 @@ class StepPlan:
                 bias = _masks.first_chunk_mask(self.q_seqlens, self.window, device=device)
             elif self.phase is Phase.SUBSEQUENT_PREFILL:
                 bias = _masks.later_chunk_mask(self.q_seqlens, self.kv_seqlens, self.window, device=device)
-            else:
+            else:  # the padded-keys mask reads a prefix of each row: a ring without slack (or a global layer)
+                assert self.window is None or self.capacity == self.window, "a ring with slack has no xFormers mask"
                 bias = _masks.decode_mask(self.kv_seqlens, self.key_span, device=device)
             self._per_device[key] = bias
         return self._per_device[key]
@@ -138,16 +150,16 @@ class StepPlan:
         return self.indices(device).write_slot, None
 
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
-        """Decode: ``[B, 1, 1, key_span]``, True for the slots each sequence has filled (the decode mask's
-        ``kv_seqlen`` as a key-padding mask); ``None`` when every row fills its span and nothing needs masking."""
+        """Decode: ``[B, 1, 1, key_span]``, True for the slots that hold a position in each sequence's window (the
+        decode mask's ``kv_seqlen``, read through the ring formula); ``None`` when every slot does."""
         assert self.phase is Phase.DECODE, "key_padding is the decode mask's"
         if min(self.kv_seqlens) == self.key_span:
             return None
         key = ("key_padding", device)
         if key not in self._per_device:
-            kv_seqlens = self.mask(device).k_seqinfo.seqlen  # [B] on device, built with the mask
-            slots = torch.arange(self.key_span, device=device)
-            self._per_device[key] = (slots < kv_seqlens[:, None]).view(self.batch_size, 1, 1, self.key_span)
+            newest = torch.tensor(self.seen, device=device)  # this step's token: the newest position held
+            kv_seqlens = torch.tensor(self.kv_seqlens, device=device)
+            self._per_device[key] = _window_slots(newest, kv_seqlens, self.window, self.key_span)
         return self._per_device[key]
 
     key_bias = _key_bias
@@ -158,7 +170,12 @@ class StepPlan:
         key = ("dense", device)
         if key not in self._per_device:
             shape = (self.num_queries, self.num_keys)
-            self._per_device[key] = self.mask("cpu").materialize(shape, dtype=torch.float32).to(device)
+            if self.phase is Phase.DECODE and self.window is not None and self.capacity != self.window:
+                valid = self.key_padding(device).view(self.batch_size, self.key_span)  # a ring with slack
+                dense = torch.block_diag(*(row[None].float() for row in valid)).log()  # 1 -> 0, 0 -> -inf
+            else:
+                dense = self.mask("cpu").materialize(shape, dtype=torch.float32)
+            self._per_device[key] = dense.to(device)
         return self._per_device[key]
 
 
@@ -172,8 +189,9 @@ def build_plan(
     ``capacity`` is the storage's slots per sequence (default: the window; a global layer's must hold every token).
     """
     capacity = window if capacity is None else capacity
-    if capacity is None or (window is not None and capacity != window):
-        raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds exactly its window.")
+    if capacity is None or (window is not None and capacity < window):
+        raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds at least its window.")
+    ring = capacity if window is not None else None  # the slot modulus: the ring's size, or none (a global layer)
     q_seqlens, seen = tuple(q_seqlens), tuple(seen)
     batch = len(q_seqlens)
 
@@ -191,12 +209,12 @@ def build_plan(
 
     if window is None and max(s + n for s, n in zip(seen, q_seqlens)) > capacity:
         raise ValueError(f"A global layer of {capacity} slots cannot hold {max(seen)} + {max(q_seqlens)} tokens.")
-    # Only the newest `window` tokens of a long chunk are kept: writing more would put two tokens in one slot.
+    # Only the newest `capacity` tokens of a long chunk are kept: writing more would put two tokens in one slot.
     write_source, write_slot = [], []
     for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
-        for i in range(n - cached_count(n, window), n):
+        for i in range(n - cached_count(n, ring), n):
             write_source.append(start + i)
-            write_slot.append(b * capacity + slot_of(s + i, window))
+            write_slot.append(b * capacity + slot_of(s + i, ring))
 
     gather_slot = gather_dest = new_dest = None
     if phase is Phase.PREFILL:
@@ -208,7 +226,7 @@ def build_plan(
         gather_slot, gather_dest, new_dest = [], [], []
         kv_start = 0
         for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
-            cached = unrotated_slots(s, window)
+            cached = unrotated_slots(s, window, ring)
             gather_slot += [b * capacity + slot for slot in cached]
             gather_dest += range(kv_start, kv_start + len(cached))
             new_dest += range(kv_start + len(cached), kv_start + len(cached) + n)
@@ -226,7 +244,7 @@ def build_plan(
         phase=phase,
         window=window,
         capacity=capacity,
-        key_span=window if window is not None else max(kv_seqlens, default=0),
+        key_span=capacity if window is not None else max(kv_seqlens, default=0),
         q_length=q_length,
         q_seqlens=q_seqlens,
         kv_seqlens=tuple(kv_seqlens),
@@ -301,16 +319,17 @@ class DeviceDecodePlan:
         if key not in self._per_device:
             seen, real = self.seen.to(device), self.real.to(device)
             rows = torch.arange(self.batch_size, device=device) * self.capacity
-            slots = seen if self.window is None else seen % self.window
+            slots = seen if self.window is None else seen % self.capacity
             self._per_device[key] = (rows + slots, real.view(-1, 1, 1).bool())
         return self._per_device[key]
 
     def key_padding(self, device: torch.device) -> torch.Tensor:
         key = ("key_padding", device)
         if key not in self._per_device:
-            filled = (self.seen.to(device) + self.real.to(device)).clamp(1, self.window)  # >= 1: no empty softmax
-            slots = torch.arange(self.capacity, device=device)
-            self._per_device[key] = (slots < filled[:, None]).view(self.batch_size, 1, 1, self.capacity)
+            # a row with no token yet attends to its (zero) slot 0: a finite output, discarded as padding
+            newest = (self.seen.to(device) + self.real.to(device) - 1).clamp(min=0)
+            kv_seqlens = newest + 1 if self.window is None else (newest + 1).clamp(max=self.window)
+            self._per_device[key] = _window_slots(newest, kv_seqlens, self.window, self.capacity)
         return self._per_device[key]
 
     key_bias = _key_bias

@@ -1,16 +1,18 @@
-"""The ring formula: the token at position ``p`` of a sequence lives in slot ``p % window``.
+"""The ring formula: the token at position ``p`` of a sequence lives in slot ``p % slots``.
 
-Everything that maps positions to slots goes through these helpers, so the formula is written once. A global
-(full-attention) layer is the same formula with no window: position ``p`` in slot ``p``, never overwritten.
-They work on host ints: the step plan calls them while it builds its index tensors.
+A ring has ``slots = window`` (the seed layout), or a few more (``window + slack``) when a generation may roll back
+up to ``slack`` tokens (assisted decoding): the extra slots keep the tokens a rollback brings back into the window.
+A global (full-attention) layer is the same formula with no modulus: position ``p`` in slot ``p``.
+Everything that maps positions to slots goes through these helpers, so the formula is written once. They work on
+host ints: the step plan calls them while it builds its index tensors.
 """
 
 from __future__ import annotations
 
 
-def slot_of(position: int, window: int | None) -> int:
-    """Slot of the token at ``position``: ``position % window``, or ``position`` for a global layer."""
-    return position if window is None else position % window
+def slot_of(position: int, slots: int | None) -> int:
+    """Slot of the token at ``position``: ``position % slots``, or ``position`` for a global layer (``None``)."""
+    return position if slots is None else position % slots
 
 
 def cached_count(seen: int, window: int | None) -> int:
@@ -18,20 +20,22 @@ def cached_count(seen: int, window: int | None) -> int:
     return seen if window is None else min(seen, window)
 
 
-def unrotated_slots(seen: int, window: int | None) -> list[int]:
-    """Slots of the held tokens, oldest first.
+def unrotated_slots(seen: int, window: int | None, slots: int | None = None) -> list[int]:
+    """Slots of the tokens in the window, oldest first (``slots``: the ring's size, by default the window).
 
-    After ``seen`` tokens the ring holds positions ``seen - cached_count .. seen - 1``; reading the slots in this
-    order "unrotates" the ring back into sequence order, which a later prefill chunk needs to line its queries up
-    with the keys (the walkthrough's iteration 2).
+    After ``seen`` tokens the window covers positions ``seen - cached_count .. seen - 1``; reading their slots in
+    this order "unrotates" the ring back into sequence order, which a later prefill chunk needs to line its queries
+    up with the keys (the walkthrough's iteration 2).
     """
+    slots = window if slots is None else slots
     first = seen - cached_count(seen, window)
-    return [slot_of(position, window) for position in range(first, seen)]
+    return [slot_of(position, slots) for position in range(first, seen)]
 
 
-def slot_positions(seen: int, window: int) -> list[int]:
-    """The position held by each slot of a ring after ``seen`` tokens, ``-1`` for a slot never written."""
-    held = [-1] * window
-    for position in range(seen - cached_count(seen, window), seen):
-        held[slot_of(position, window)] = position
+def slot_positions(seen: int, slots: int) -> list[int]:
+    """The position held by each slot of a ring of ``slots`` after ``seen`` tokens, ``-1`` for a slot never
+    written."""
+    held = [-1] * slots
+    for position in range(seen - cached_count(seen, slots), seen):
+        held[slot_of(position, slots)] = position
     return held

@@ -135,7 +135,7 @@ class StepLedger:
             else:
                 step.plans[window] = build_plan(
                     window=window, q_length=step.q_length, q_seqlens=step.q_seqlens, seen=step.seen,
-                    capacity=None if window is not None else capacity(),
+                    capacity=capacity(),
                 )
         return step.plans[window]
 

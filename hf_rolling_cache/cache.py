@@ -41,6 +41,10 @@ class RollingSlidingWindowCache(Cache):
         num_layers: the number of decoder layers, if no config is given (every layer slides).
         max_length: tokens per sequence the global layers hold without growing (prompt + new tokens); by default
             they start small and double when full.
+        slack: extra ring slots, so that a generation can roll back up to ``slack`` tokens exactly (assisted and
+            prompt-lookup decoding verify a few draft tokens, then `crop` the rejected ones): a ring of
+            ``window + slack`` slots still holds the whole window after such a rollback. ``enable`` sets it for
+            assisted generations.
     """
 
     def __init__(
@@ -50,18 +54,24 @@ class RollingSlidingWindowCache(Cache):
         window: int | None = None,
         num_layers: int | None = None,
         max_length: int | None = None,
+        slack: int = 0,
     ) -> None:
         windows = self._windows(config, window, num_layers)
         if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
+        if not isinstance(slack, int) or isinstance(slack, bool) or slack < 0:
+            raise ValueError(f"slack must be a non-negative int, got {slack!r}.")
         self.window = next(w for w in windows if w is not None)
+        self.slack = slack
         self.config = config
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
         self.decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
         self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         counters = self.ledger.counters
-        super().__init__(layers=[KVLayer(w, counters, w or self._global_capacity) for w in windows])
+        super().__init__(
+            layers=[KVLayer(w, counters, w + slack if w is not None else self._global_capacity) for w in windows]
+        )
 
     @staticmethod
     def _windows(config, window: int | None, num_layers: int | None) -> tuple[int | None, ...]:
@@ -155,8 +165,9 @@ class RollingSlidingWindowCache(Cache):
         return list(self.ledger.counters.seen)
 
     def slot_positions(self) -> list[list[int]]:
-        """Per sequence, the position each slot of a sliding layer's ring holds (``-1`` if empty)."""
-        return [slot_positions(s, self.window) for s in self.ledger.counters.seen]
+        """Per sequence, the position each slot of a sliding layer's ring (``window + slack`` slots) holds (``-1`` if
+        empty)."""
+        return [slot_positions(s, self.window + self.slack) for s in self.ledger.counters.seen]
 
     def memory_bytes(self, kind: str | None = None) -> int:
         """Bytes held by the layers' storage: all of them, or only ``kind``'s (``"sliding_attention"``: the rings,
@@ -212,28 +223,38 @@ class RollingSlidingWindowCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return all(s <= self.window for s in self.ledger.counters.seen)
+        """Whether a rollback can be exact now: a ring with slack always holds what a rollback of up to ``slack``
+        tokens needs; one without, only while no sequence has passed its window."""
+        return self.slack > 0 or all(s <= self.window for s in self.ledger.counters.seen)
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` columns, or drop the last ``-max_length`` if negative (Transformers'
-        convention).
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the newest ``-tokens_to_remove`` tokens: a negative count, and 0 is a no-op, as Transformers 5's
+        caches take it (a positive "length to keep" is their legacy form, which they refuse too).
 
-        Exact only while no sequence has wrapped its ring (at most ``window`` tokens each): after that, the tokens
-        a rollback would bring back into the window have been overwritten, and this raises instead.
+        Exact while every sequence still holds what the window needs after the rollback: always for up to
+        ``slack`` tokens, and for any count while no sequence has wrapped its ring. Otherwise the tokens a rollback
+        would bring back into the window have been overwritten, and this raises instead.
         """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative count of tokens to remove, as Transformers' caches take it "
+                "(a positive length to keep is their legacy form, which they refuse too)."
+            )
+        count = -tokens_to_remove
+        if count == 0:
+            return
         self.ledger.check_usable()
         counters = self.ledger.counters
-        count = -max_length if max_length < 0 else counters.columns - max_length
-        if count <= 0:
-            return
         seen = counters.seen
         if count > counters.columns or any(s < count for s in seen):
             raise ValueError(f"Cannot remove {count} tokens: the sequences hold only {seen}.")
-        if not self.is_croppable:
+        slots = self.window + self.slack
+        if count > self.slack and any(s > slots for s in seen):
             raise ValueError(
-                f"Cannot roll back {count} tokens: a sequence has gone past the window ({max(seen)} > {self.window} "
-                "tokens), so the ring has overwritten the tokens a rollback would need. Rollback-based generation "
-                "(assisted or prompt-lookup decoding) works only while every sequence fits in the window."
+                f"Cannot roll back {count} tokens: a sequence has gone past its ring ({max(seen)} > {slots} slots), "
+                f"which keeps {self.slack} tokens of slack beyond the window of {self.window}, so the ring has "
+                "overwritten the tokens a rollback would need. Build the cache with slack=N (N: the most tokens a "
+                "step may roll back; hf_rolling_cache.enable does this for assisted and prompt-lookup decoding)."
             )
         counters.seen = [s - count for s in seen]
         counters.columns -= count

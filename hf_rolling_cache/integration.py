@@ -13,8 +13,7 @@ from ._support import check_model, layer_windows
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
 
 _STATE = "_hf_rolling_cache_enabled"
-# generate options that roll the cache back (they crop it), which a ring cannot do once it has wrapped
-_ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+_MIN_SLACK = 64  # ring slots beyond the window for assisted generations (drafts grow under the heuristic schedule)
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
         prefill_chunk_size: prompt tokens per prefill forward; by default the window, as in "KV Caching in Mistral with Transformers and xFormers".
 
     Each call gets a fresh `RollingSlidingWindowCache` unless one is passed as ``past_key_values`` (to continue a
-    conversation). Assisted and prompt-lookup generation are refused before anything runs: they roll the cache back.
+    conversation). Assisted and prompt-lookup decoding roll back the draft tokens they reject: their cache keeps
+    a few slots of slack beyond the window so that every rollback is exact.
     """
     if is_enabled(model):
         disable(model)
@@ -56,11 +56,12 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
     def generate(*args, **kwargs):
         if not _uses_cache(model, kwargs):  # Transformers' own path: every step reruns the whole sequence
             return class_generate(*args, **kwargs)
-        _refuse_rollback(model, kwargs)
         _refuse_other_caches(model, kwargs)
         if kwargs.get("past_key_values") is None:
             max_length = _max_length(model, args, kwargs)  # global layers sized once, not grown
-            kwargs["past_key_values"] = RollingSlidingWindowCache(config=model.config, max_length=max_length)
+            kwargs["past_key_values"] = RollingSlidingWindowCache(
+                config=model.config, max_length=max_length, slack=_rollback_slack(model, kwargs)
+            )
         else:
             _check_continuation(kwargs["past_key_values"], args, kwargs)
         _choose_chunking(model, kwargs, saved.prefill_chunk_size)
@@ -157,13 +158,18 @@ def _uses_cache(model: PreTrainedModel, kwargs: dict) -> bool:
     return use_cache is not False
 
 
-def _refuse_rollback(model: PreTrainedModel, kwargs: dict) -> None:
-    configs = [kwargs, vars(model.generation_config)]
-    if kwargs.get("generation_config") is not None:
-        configs.append(vars(kwargs["generation_config"]))
-    asked = [name for name in _ROLLBACK_OPTIONS for config in configs if config.get(name) is not None]
-    if asked:
+def _rollback_slack(model: PreTrainedModel, kwargs: dict) -> int:
+    """Ring slack for this call: none, unless it drafts tokens that may be rolled back (assisted or prompt-lookup
+    decoding), then room for twice the drafts of a step, at least `_MIN_SLACK`."""
+    if _option(model, kwargs, "assistant_early_exit") is not None:
         raise ValueError(
-            f"{asked[0]} asks for assisted / prompt-lookup decoding, which rolls the KV cache back; a rolling cache "
-            "cannot once a sequence passes the window. Call hf_rolling_cache.disable(model) for this generation."
+            "assistant_early_exit drafts with the model's own first layers, which would share this model's rolling "
+            "cache; it is not supported. Pass assistant_model= or prompt_lookup_num_tokens=, or call "
+            "hf_rolling_cache.disable(model) for this generation."
         )
+    lookup = _option(model, kwargs, "prompt_lookup_num_tokens")
+    assistant = kwargs.get("assistant_model")
+    if lookup is None and assistant is None:
+        return 0
+    drafts = lookup or getattr(assistant.generation_config, "num_assistant_tokens", None) or 20
+    return max(_MIN_SLACK, 2 * drafts)

@@ -111,12 +111,12 @@ def test_crop_within_the_window_and_refused_past_it():
     _, cache = generate(model, [3, 2], new_tokens=3)  # seen [5, 4] <= window
     cache.crop(-2)
     assert cache.seen == [3, 2] and cache.get_seq_length() == 3
-    cache.crop(2)  # Transformers' positive form: keep the first 2 columns
-    assert cache.seen == [2, 1] and cache.get_seq_length() == 2
-    cache.crop(5)  # longer than held: nothing to drop
-    assert cache.get_seq_length() == 2
+    cache.crop(0)  # Transformers 5: a no-op
+    assert cache.seen == [3, 2] and cache.get_seq_length() == 3
+    with pytest.raises(ValueError, match="negative count"):
+        cache.crop(2)  # the legacy "length to keep", which Transformers 5 refuses too
     _, wrapped = generate(model, [3, 2], new_tokens=9)  # seen [11, 10] > window
-    with pytest.raises(ValueError, match="past the window"):
+    with pytest.raises(ValueError, match="gone past its ring"):
         wrapped.crop(-1)
     assert wrapped.seen == [11, 10]  # unchanged
 
