@@ -109,8 +109,12 @@ def _is_sliding_causal(mask_function, window: int) -> bool:
     )
 
 
-# Keyword arguments Transformers' models pass that change nothing in what the attention computes.
-_INERT_OPTIONS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits", "output_hidden_states"})
+# Keyword arguments Transformers' models pass down to the attention that change nothing in what it computes (the
+# loss's num_items_in_batch and shift_labels travel with the model's **kwargs).
+_INERT_OPTIONS = frozenset({
+    "position_ids", "use_cache", "cache_position", "output_router_logits", "output_hidden_states",
+    "num_items_in_batch", "shift_labels",
+})
 _IMPLEMENTED = frozenset({"sliding_window", "is_causal", "output_attentions", "softcap", "s_aux"})
 
 

@@ -91,3 +91,17 @@ def test_use_cache_false_is_transformers_own_path():
     assert torch.equal(got.sequences, expected.sequences)
     for ours, theirs in zip(got.scores, expected.scores):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_loss_arguments_that_travel_with_the_forward_are_not_refused():
+    """Transformers passes the loss's num_items_in_batch and shift_labels down to the attention with **kwargs."""
+    reference, model = model_pair(tiny_config(4))
+    input_ids, attention_mask = ragged_batch([7, 5])
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # padded positions carry no loss
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    shifted = shifted.masked_fill(attention_mask == 0, -100)  # nor do predictions made at padded positions
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                   num_items_in_batch=torch.tensor(10), shift_labels=shifted)
+    with torch.no_grad():
+        expected, got = reference(**options).loss, model(**options).loss
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
