@@ -120,6 +120,9 @@ class StepLedger:
         self._open: _Step | None = None
         self._step_real: torch.Tensor | None = None  # [B] this decode step's real flags, a static buffer
         self._warned = False
+        # The walkthrough's per-sequence chunks (mistral-inference's packing) leave a sequence without tokens in a
+        # later forward; its window counts its own tokens there, as in the article. generate never does this.
+        self.allow_holes = False
 
     # --- a forward --------------------------------------------------------------------------------------------------
     def plan(self, mask, window: int | None, capacity: Callable[[], int]) -> StepPlan | DeviceDecodePlan:
@@ -209,6 +212,14 @@ class StepLedger:
         seen = tuple(counters.seen) if counters.seen else (0,) * mask.batch_size
         columns = None if mask.padding_mask is None else mask.padding_mask.shape[1]
         self._check_history(mask.q_length, seen, history, columns)
+        holes = [b for b, (s, n) in enumerate(zip(seen, q_seqlens)) if s and n < mask.q_length]
+        if holes and not self.allow_holes:
+            raise ValueError(
+                f"Sequences {holes} have padding after tokens this cache already holds (a hole between turns). "
+                "Transformers' sliding window counts padding columns, so it would answer differently from a ring of "
+                "real tokens. Continue with the same number of new tokens in every row, or pass the whole "
+                "conversation, left padded, to a new RollingSlidingWindowCache."
+            )
         step = _Step(mask.forward, mask.q_length, seen, tuple(q_seqlens), None)
         self._reserve(max(step.seen_after))
         if mask.max_positions is not None and max(step.seen_after) > mask.max_positions and not self._warned:

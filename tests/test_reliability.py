@@ -242,3 +242,23 @@ def test_two_models_with_their_own_windows_in_two_threads():
     for (window, _), tokens in results.items():
         assert torch.equal(tokens, expected[window])
     assert not torch.equal(expected[3], expected[5])
+
+
+def test_a_hole_between_turns_is_refused_before_anything_is_written():
+    """Replies of different lengths, left padded after the first turn: Transformers' window counts the padding
+    columns between the turns, a ring counts real tokens, so the rolling cache refuses instead of answering."""
+    reference, rolling, cache, input_ids, attention_mask = prefilled()
+    before = snapshot(cache)
+    reply = torch.tensor([[0, 0, 7], [5, 6, 7], [0, 6, 7]])
+    reply_mask = (reply != 0).long()
+    with pytest.raises(ValueError, match=r"Sequences \[0, 2\] have padding after tokens this cache already holds"):
+        rolling(input_ids=reply, attention_mask=torch.cat([attention_mask, reply_mask], 1), past_key_values=cache)
+    assert_unchanged(cache, before)
+    # the same reply lengths in every row continue as Transformers does
+    full = torch.ones(3, 3, dtype=torch.long)
+    with torch.no_grad():
+        got = rolling(input_ids=torch.full((3, 3), 7), attention_mask=torch.cat([attention_mask, full], 1),
+                      past_key_values=cache).logits[:, -1]
+        expected = reference(input_ids=torch.cat([input_ids, torch.full((3, 3), 7)], 1),
+                             attention_mask=torch.cat([attention_mask, full], 1)).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -74,6 +74,7 @@ def run_walkthrough(
     prompts = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in seqlens]
     tokens = [[] for _ in seqlens]
     cache = RollingSlidingWindowCache(config=model.config)
+    cache.ledger.allow_holes = True  # per-sequence chunks: a sequence may bring no token to a later forward
     history = torch.zeros(len(seqlens), 0, dtype=torch.long)
     last_logits = [None] * len(seqlens)
     steps = []
