@@ -40,6 +40,7 @@ from transformers import (
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache.tools.models import tiny_mistral_config
 
 def rolling_cache(model, max_length):
     # a hybrid model's global layers sized for the whole generation, as enable() does (no growth mid-measurement)
@@ -106,8 +107,7 @@ SHAPES = {"gemma3-12b": (gemma3_12b_config, Gemma3ForCausalLM), "gpt-oss-20b": (
 def build_model(tiny: bool, device: str, shape: str = "mistral-7b"):
     model_class = MistralForCausalLM
     if tiny:
-        config = MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
+        config = tiny_mistral_config(64, hidden=128, layers=2, heads=4, kv_heads=2, vocab=1000)
         dtype = torch.float32
     elif shape in SHAPES:
         make_config, model_class = SHAPES[shape]

@@ -9,23 +9,12 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 import hf_rolling_cache  # noqa: F401  (registers "rolling_xformers")
+from hf_rolling_cache.tools.models import tiny_mistral_config
 
 
 def tiny_config(window: int, *, kv_heads: int = 2, heads: int = 4, head_dim: int = 16, layers: int = 2, vocab: int = 97):
-    return MistralConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        sliding_window=window,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    """The tools' small Mistral config (hidden 64), with the sizes the tests vary."""
+    return tiny_mistral_config(window, kv_heads=kv_heads, heads=heads, head_dim=head_dim, layers=layers, vocab=vocab)
 
 
 def model_pair(config: MistralConfig, seed: int = 0) -> tuple[MistralForCausalLM, MistralForCausalLM]:

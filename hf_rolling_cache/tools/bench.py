@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from ..cache import RollingSlidingWindowCache
+from .models import tiny_mistral_config
 
 VOCAB = 1000
 
@@ -33,9 +34,7 @@ class BenchRow:
 
 def bench_config(window: int) -> MistralConfig:
     """The small model: hidden 256, 4 layers, 8 query heads sharing 2 kv heads of 32."""
-    return MistralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, sliding_window=window,
-                         max_position_embeddings=1 << 16, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return tiny_mistral_config(window, hidden=256, layers=4, heads=8, kv_heads=2, vocab=VOCAB, max_positions=1 << 16)
 
 
 def run_bench(lengths: list[int], batch: int, window: int, prompt_length: int, device: str) -> list[BenchRow]:

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import MistralForCausalLM
 
 from ..cache import ATTENTION_NAME, RollingSlidingWindowCache
+from .models import tiny_mistral_config
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,7 @@ class WalkthroughStep:
 def tiny_model(window: int, *, seed: int = 0, vocab_size: int = 128, layers: int = 2) -> MistralForCausalLM:
     """A small random Mistral (fp32, CPU) using the rolling attention."""
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = MistralForCausalLM(tiny_mistral_config(window, vocab=vocab_size, layers=layers)).eval()
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 
