@@ -109,9 +109,13 @@ def _refuse_other_caches(model: PreTrainedModel, kwargs: dict) -> None:
         )
 
 
+def _input_ids(args: tuple, kwargs: dict):
+    return kwargs.get("input_ids", args[0] if args else None)
+
+
 def _check_continuation(cache, args: tuple, kwargs: dict) -> None:
     """A cache passed back continues its conversation: the new input must hold the whole conversation so far."""
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    input_ids = _input_ids(args, kwargs)
     held = cache.get_seq_length()
     if held and input_ids is not None and input_ids.shape[-1] <= held:
         raise ValueError(
@@ -142,9 +146,7 @@ def _choose_chunking(model: PreTrainedModel, kwargs: dict, default: int) -> None
 
 def _max_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None:
     """Columns this generate call can reach (prompt + max_new_tokens), when both are known up front."""
-    prompt = kwargs.get("input_ids", args[0] if args else None)
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    prompt, new = _input_ids(args, kwargs), _option(model, kwargs, "max_new_tokens")
     if prompt is None or new is None or not hasattr(prompt, "shape"):
         return None
     return prompt.shape[-1] + new
@@ -153,9 +155,7 @@ def _max_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None
 def _uses_cache(model: PreTrainedModel, kwargs: dict) -> bool:
     """``use_cache=False`` (argument or generation config) means no cache at all, and so no chunked prefill: each
     chunk would run without the ones before it."""
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-    return use_cache is not False
+    return _option(model, kwargs, "use_cache") is not False
 
 
 def _rollback_slack(model: PreTrainedModel, kwargs: dict) -> int:
