@@ -57,6 +57,7 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
         if not _uses_cache(model, kwargs):  # Transformers' own path: every step reruns the whole sequence
             return class_generate(*args, **kwargs)
         _refuse_other_caches(model, kwargs)
+        _refuse_early_exit(model, kwargs)
         if kwargs.get("past_key_values") is None:
             max_length = _max_length(model, args, kwargs)  # global layers sized once, not grown
             kwargs["past_key_values"] = RollingSlidingWindowCache(
@@ -158,15 +159,18 @@ def _uses_cache(model: PreTrainedModel, kwargs: dict) -> bool:
     return _option(model, kwargs, "use_cache") is not False
 
 
-def _rollback_slack(model: PreTrainedModel, kwargs: dict) -> int:
-    """Ring slack for this call: none, unless it drafts tokens that may be rolled back (assisted or prompt-lookup
-    decoding), then room for twice the drafts of a step, at least `_MIN_SLACK`."""
+def _refuse_early_exit(model: PreTrainedModel, kwargs: dict) -> None:
     if _option(model, kwargs, "assistant_early_exit") is not None:
         raise ValueError(
             "assistant_early_exit drafts with the model's own first layers, which would share this model's rolling "
             "cache; it is not supported. Pass assistant_model= or prompt_lookup_num_tokens=, or call "
             "hf_rolling_cache.disable(model) for this generation."
         )
+
+
+def _rollback_slack(model: PreTrainedModel, kwargs: dict) -> int:
+    """Ring slack for this call: none, unless it drafts tokens that may be rolled back (assisted or prompt-lookup
+    decoding), then room for twice the drafts of a step, at least `_MIN_SLACK`."""
     lookup = _option(model, kwargs, "prompt_lookup_num_tokens")
     assistant = kwargs.get("assistant_model")
     if lookup is None and assistant is None:

@@ -76,9 +76,10 @@ def test_early_exit_drafting_is_refused_before_anything_runs(pair):
     handle = rolling.register_forward_pre_hook(lambda *_: calls.append(1))
     input_ids, attention_mask = ragged_batch([9])
     try:
-        with pytest.raises(ValueError, match="assistant_early_exit.*disable"):
-            rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4,
-                             assistant_early_exit=1)
+        for cache in (None, RollingSlidingWindowCache(config=rolling.config)):  # a fresh cache, or the user's
+            with pytest.raises(ValueError, match="assistant_early_exit.*disable"):
+                rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4,
+                                 assistant_early_exit=1, past_key_values=cache)
     finally:
         handle.remove()
     assert calls == []
