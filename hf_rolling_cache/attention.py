@@ -8,6 +8,7 @@ its storage and attends, with its kind's plan.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -195,10 +196,10 @@ def rolling_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     extras = _Extras(softcap, s_aux)
-    if query.is_cuda:  # kernels and copies on this layer's device, whichever device is current (split models)
-        with torch.cuda.device(query.device):
-            return _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras)
-    return _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras)
+    # kernels and copies on this layer's device, whichever device is current (split models)
+    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with on_device:
+        return _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values, scaling, extras)
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
     if plan.num_queries == 0:  # every column of this chunk is padding (a batch padded to a fixed length): a no-op
         if cache is not None:
             cache.ledger.layer_written(plan, layer_idx)
-        return query.new_zeros(*query.shape[:1], query.shape[2], query.shape[1], new_values.shape[-1]), None
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], new_values.shape[-1]), None
     indices = plan.indices(query.device)
     packed_query = _pack(query, indices.query_index)  # [T, H_q, D]
     packed_keys = _pack(new_keys, indices.query_index)  # [T, H_kv, D]
