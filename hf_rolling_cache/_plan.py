@@ -313,11 +313,22 @@ class DeviceDecodePlan:
     def key_span(self) -> int:
         return self.capacity
 
+    mirrors: dict = field(default_factory=dict, repr=False)  # {device: (seen, real)} staged by the step's ledger
+
+    def counters_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seen`` and ``real`` on ``device``: the step's own, a copy its ledger staged there (a graph segment
+        on another device reads that copy), or a copy made now (eager decoding of a model split over devices)."""
+        if device == self.seen.device:
+            return self.seen, self.real
+        if device not in self.mirrors:
+            self.mirrors[device] = (self.seen.to(device), self.real.to(device))
+        return self.mirrors[device]
+
     def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Flat storage rows written this step, and ``[B, 1, 1]`` booleans: True where the row has a token."""
         key = ("slots", device)
         if key not in self._per_device:
-            seen, real = self.seen.to(device), self.real.to(device)
+            seen, real = self.counters_on(device)
             rows = torch.arange(self.batch_size, device=device) * self.capacity
             slots = seen if self.window is None else seen % self.capacity
             self._per_device[key] = (rows + slots, real.view(-1, 1, 1).bool())
@@ -327,7 +338,8 @@ class DeviceDecodePlan:
         key = ("key_padding", device)
         if key not in self._per_device:
             # a row with no token yet attends to its (zero) slot 0: a finite output, discarded as padding
-            newest = (self.seen.to(device) + self.real.to(device) - 1).clamp(min=0)
+            seen, real = self.counters_on(device)
+            newest = (seen + real - 1).clamp(min=0)
             kv_seqlens = newest + 1 if self.window is None else (newest + 1).clamp(max=self.window)
             self._per_device[key] = _window_slots(newest, kv_seqlens, self.window, self.capacity)
         return self._per_device[key]

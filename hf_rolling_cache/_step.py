@@ -100,6 +100,7 @@ class _Step:
         self.q_seqlens = q_seqlens  # host plans; None when planned on the device
         self.device_counters = device_counters  # (seen [B], real [B]) for a decode step planned on the device
         self.plans: dict[int | None, StepPlan | DeviceDecodePlan] = {}
+        self.mirrors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device counters elsewhere
         self.written: set[int] = set()
 
     @property
@@ -120,6 +121,9 @@ class StepLedger:
         self._open: _Step | None = None
         self._step_real: torch.Tensor | None = None  # [B] this decode step's real flags, a static buffer
         self._warned = False
+        # A CUDA graph captured in one segment per device cannot advance counters that live on the first device
+        # from a later segment: it sets this and advances them after its replays (`commit_replayed(advance=True)`).
+        self.defer_advance = False
         # The walkthrough's per-sequence chunks (mistral-inference's packing) leave a sequence without tokens in a
         # later forward; its window counts its own tokens there, as in the article. generate never does this.
         self.allow_holes = False
@@ -134,7 +138,8 @@ class StepLedger:
         if window not in step.plans:
             if step.device_counters is not None:
                 seen, real = step.device_counters
-                step.plans[window] = DeviceDecodePlan(window=window, capacity=capacity(), seen=seen, real=real)
+                step.plans[window] = DeviceDecodePlan(
+                    window=window, capacity=capacity(), seen=seen, real=real, mirrors=step.mirrors)
             else:
                 step.plans[window] = build_plan(
                     window=window, q_length=step.q_length, q_seqlens=step.q_seqlens, seen=step.seen,
@@ -149,8 +154,9 @@ class StepLedger:
         step.written.add(layer_idx)
         if len(step.written) == self.num_layers:
             if step.device_counters is not None:
-                seen, real = step.device_counters
-                seen.add_(real)  # on the device, no sync (captured into a CUDA graph too)
+                if not self.defer_advance:
+                    seen, real = step.device_counters
+                    seen.add_(real)  # on the device, no sync (captured into a CUDA graph too)
                 self.counters.advanced_on_device()
             else:
                 self.counters.seen = list(step.seen_after)
@@ -158,10 +164,29 @@ class StepLedger:
             self._open = None
             self.last_plan = plan
 
-    def commit_replayed(self) -> None:
-        """A replayed decode step (a CUDA graph) advanced the device counters: count its column."""
+    def commit_replayed(self, advance: bool = False) -> None:
+        """A replayed decode step (a CUDA graph) ran: count its column. ``advance``: the graph did not advance the
+        device counters itself (it was captured with `defer_advance`), so advance them here, in stream order."""
+        if advance:
+            self.counters.device_seen.add_(self._step_real)
         self.counters.columns += 1
         self.counters.advanced_on_device()
+
+    def decode_step_open(self) -> bool:
+        """A decode step planned on the device has begun (some layer has planned it) and is not committed."""
+        return self._open is not None and self._open.device_counters is not None
+
+    def stage_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the open decode step's device counters on ``device``, made now (outside any capture), for
+        the step's plans to read there: a CUDA graph segment on ``device`` reads these copies. Returns the
+        ``(source, copy)`` pairs a replay refreshes before that segment runs."""
+        step = self._open
+        if step is None or step.device_counters is None or step.device_counters[0].device == device:
+            return []
+        if device not in step.mirrors:
+            seen, real = step.device_counters
+            step.mirrors[device] = (seen.to(device), real.to(device))
+        return list(zip(step.device_counters, step.mirrors[device]))
 
     @contextlib.contextmanager
     def discarding(self) -> Iterator[None]:

@@ -15,6 +15,11 @@ one compiled code per layer class, re-specialized per ``layer_idx``), so Transfo
 residual adds become a few fused kernels. The cache's ``update`` and the attention function stay eager (they are
 ``torch.compiler.disable``d, so each is a graph break) and are captured as they are. Compilation happens once per
 model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
+
+A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
+states, rotary tables, the step's counters) copied between the replays (`_SegmentedCapture`); such a model's
+layers are not compiled. Under tensor parallelism (``tp_plan``, one process per GPU) each process captures its
+own step, the all-reduces included.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import contextlib
 import functools
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ._layers import write_tokens
@@ -53,11 +60,16 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     eager_forward = model.forward
     compiled = _CompiledLayers(model) if compile else None
 
+    placement = None  # the model's device_map split, read at the first decode step (after any dispatch)
+
     @functools.wraps(eager_forward)
     def forward(*args, **kwargs):
+        nonlocal placement
         cache = kwargs.get("past_key_values")
-        if not args and _replayable(cache, kwargs):
-            return _decode_graph(cache, eager_forward, kwargs, compiled).run(cache, kwargs)
+        if placement is None and isinstance(cache, RollingSlidingWindowCache):
+            placement = _split(model)
+        if not args and _replayable(placement, cache, kwargs):
+            return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
     setattr(model, _HAD_FORWARD, "forward" in vars(model))
@@ -137,15 +149,16 @@ class _CompiledLayers:
 _UNSET = object()
 
 
-def _replayable(cache, kwargs) -> bool:
+def _replayable(placement, cache, kwargs) -> bool:
     input_ids = kwargs.get("input_ids")
+    if not isinstance(cache, RollingSlidingWindowCache) or input_ids is None:
+        return False
+    devices = {layer.device for layer in cache.layers if layer.is_initialized}
     return (
-        isinstance(cache, RollingSlidingWindowCache)
-        and input_ids is not None
-        and input_ids.is_cuda
+        input_ids.is_cuda
         and input_ids.shape[1] == 1
         and cache.get_seq_length() > 0
-        and all(layer.device == input_ids.device for layer in cache.layers if layer.is_initialized)
+        and (devices == {input_ids.device} or (all(d.type == "cuda" for d in devices) and bool(placement)))
         and kwargs.get("inputs_embeds") is None
         and not kwargs.get("output_attentions")
         and not kwargs.get("output_hidden_states")
@@ -158,15 +171,73 @@ _TENSORS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 
 
 def _decode_graph(
-    cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
+    model, placement, cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
 ) -> _DecodeGraph:
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
+    if placement and compiled is not None:
+        _warn_uncompiled()
+        compiled = None
     graph = cache.decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
     if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
         cache.decode_graph = None
-        graph = cache.decode_graph = _DecodeGraph(cache, eager_forward, kwargs["input_ids"], options, compiled)
+        # Accelerate's hook on the top module would copy the logits back across devices mid-capture
+        step_forward = getattr(model, "_old_forward", eager_forward) if placement else eager_forward
+        try:
+            graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, placement)
+        except _NotCapturable as reason:
+            _warn_eager(str(reason))
+            graph = _EagerSteps(eager_forward)
+        cache.decode_graph = graph
     return graph
+
+
+@functools.cache
+def _warn_uncompiled() -> None:
+    warnings.warn(
+        "use_cuda_graphs(compile=True): a model split over devices replays its decode steps as uncompiled graph "
+        "segments, one per device (compiled layers do not capture in segments yet).",
+        stacklevel=4,
+    )
+
+
+@functools.cache
+def _warn_eager(reason: str) -> None:
+    warnings.warn(f"use_cuda_graphs: decode steps of this model run eagerly ({reason}).", stacklevel=4)
+
+
+class _EagerSteps:
+    """Stands in for a graph where a model's decode step cannot be captured: every step runs eagerly."""
+
+    def __init__(self, eager_forward) -> None:
+        self.eager_forward = eager_forward
+
+    def still_valid(self, *args) -> bool:
+        return True
+
+    def run(self, cache, kwargs):
+        return self.eager_forward(**kwargs)
+
+
+def _split(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.device]]:
+    """The submodules Accelerate runs on a CUDA device of their own (``device_map``), with that device; empty
+    when the model is not dispatched, or when a hook offloads weights (a replay would not bring them in)."""
+    placed = []
+    for module in model.modules():
+        hooks = getattr(module, "_hf_hook", None)
+        hooks = getattr(hooks, "hooks", (hooks,))  # Accelerate's SequentialHook holds several
+        for hook in hooks:
+            if hook is None:
+                continue
+            if getattr(hook, "offload", False):
+                return []
+            device = getattr(hook, "execution_device", None)
+            if device is not None and module is not model:
+                device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+                if device.type != "cuda":
+                    return []
+                placed.append((module, device))
+    return placed if len({device for _, device in placed}) > 1 else []
 
 
 @functools.cache
@@ -176,8 +247,123 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+@dataclass(eq=False)
+class _Segment:
+    """The part of a decode step that runs on one device, captured as one graph, and the tensors handed to it
+    from the segment before: ``(source there, static copy here)``, copied before each replay."""
+
+    device: torch.device
+    graph: torch.cuda.CUDAGraph
+    handoff: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class _SegmentedCapture:
+    """Captures a decode step as one CUDA graph per device, for a model Accelerate split over devices.
+
+    PyTorch captures a graph on one device, and a captured copy to another device would be ordered by events
+    outside the capture. So every module Accelerate placed on another device is a switch: the capture on the
+    current device ends there, the module's tensor inputs (hidden states, rotary tables, positions) and the
+    step's device counters are staged on its device as static copies, and a capture there begins. A replay runs
+    the segments in order and copies each hand-off (a few KB) between them; PyTorch orders a cross-device copy
+    after the work on both devices' current streams, so no segment reads a tensor before it is written.
+    """
+
+    def __init__(self, ledger, device: torch.device, placement, capture: bool = True) -> None:
+        self.ledger = ledger
+        self.placement = placement
+        self.capture = capture  # False: a warm-up, which stages the same inputs (compiled code sees what it will)
+        self.segments: list[_Segment] = []
+        self._capturing: contextlib.ExitStack | None = None
+        self._begin(device, [])
+
+    @property
+    def device(self) -> torch.device:
+        return self.segments[-1].device
+
+    def _begin(self, device: torch.device, handoff) -> None:
+        graph = torch.cuda.CUDAGraph() if self.capture else None
+        self._capturing = contextlib.ExitStack()
+        self._capturing.enter_context(torch.cuda.device(device))
+        if graph is not None:
+            self._capturing.enter_context(torch.cuda.graph(graph, stream=_side_stream(device)))
+        self.segments.append(_Segment(device, graph, handoff))
+
+    def finish(self) -> None:
+        """End the capture in progress."""
+        capturing, self._capturing = self._capturing, None
+        if capturing is not None:
+            capturing.close()
+
+    def abandon(self) -> None:
+        """End the capture after the step raised: the capture's own error (it is invalid now) would hide the
+        step's, which says what went wrong."""
+        try:
+            self.finish()
+        except RuntimeError:
+            pass
+
+    def _switch(self, device: torch.device, args, kwargs):
+        self.finish()
+        if len(self.segments) == 1 and not self.ledger.decode_step_open():
+            # the step would open on a later device, reading the attention mask from the first: run it eagerly
+            raise _NotCapturable(f"the first decoder layer is not on {self.device}, where the inputs are")
+        handoff = self.ledger.stage_on(device)
+        values, _ = tree_flatten((args, kwargs))
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.is_cuda and value.device != device:
+                handoff.append((value, value.to(device)))
+        self._begin(device, handoff)
+        return self._staged(args, kwargs)
+
+    def _staged(self, args, kwargs):
+        """The module's inputs with each tensor from another device replaced by its copy on this segment's
+        device. The model hands the same tensors (rotary tables, positions) to every layer, so later layers of
+        the segment get the copies staged at its switch; a tensor staged nowhere cannot be copied mid-capture."""
+        segment = self.segments[-1]
+        copies = {id(source): copy for source, copy in segment.handoff}
+        values, spec = tree_flatten((args, kwargs))
+        staged = []
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.is_cuda and value.device != segment.device:
+                if id(value) not in copies:
+                    raise _NotCapturable(f"a tensor on {value.device} reaches a module on {segment.device} mid-step")
+                value = copies[id(value)]
+            staged.append(value)
+        return tree_unflatten(staged, spec)
+
+    @contextlib.contextmanager
+    def switching(self):
+        """Inside the block, each placed module switches the capture to its device when its inputs arrive."""
+        previous = [vars(module).get("forward", _UNSET) for module, _ in self.placement]
+        for module, device in self.placement:
+            module.forward = self._on_device(module.forward, device)
+        try:
+            yield
+        finally:
+            for (module, _), held in zip(self.placement, previous):
+                if held is _UNSET:
+                    del module.forward
+                else:
+                    module.forward = held
+
+    def _on_device(self, forward, device: torch.device):
+        def forward_on_device(*args, **kwargs):
+            if device != self.device:
+                args, kwargs = self._switch(device, args, kwargs)
+            else:
+                args, kwargs = self._staged(args, kwargs)
+            return forward(*args, **kwargs)
+
+        return forward_on_device
+
+
+class _NotCapturable(Exception):
+    """This model's decode step cannot be captured in segments (it runs eagerly instead)."""
+
+
 class _DecodeGraph:
-    """One captured decode step: static input buffers, the graph, and the logits it writes."""
+    """One captured decode step: static input buffers, the graph (one per device for a split model), and the
+    logits it writes."""
 
     def __init__(
         self,
@@ -186,6 +372,7 @@ class _DecodeGraph:
         input_ids: torch.Tensor,
         options: dict,
         compiled: _CompiledLayers | None = None,
+        placement=(),
     ):
         started = time.perf_counter()
         batch, device = input_ids.shape[0], input_ids.device
@@ -194,7 +381,9 @@ class _DecodeGraph:
         self.input_ids = input_ids.clone()
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
+        self.advance_after_replay = bool(placement)  # a split step's counters advance after its last segment
         cache.decode_on_device = True
+        devices = sorted({device, *(d for _, d in placement)}, key=str)
 
         def step():
             return eager_forward(
@@ -202,20 +391,41 @@ class _DecodeGraph:
                 past_key_values=cache, **options,
             )
 
-        # Warm up on a side stream (cuBLAS, allocator, compilation), then capture. With every row marked as padding
+        # Warm up on side streams (cuBLAS, allocator, compilation), then capture. With every row marked as padding
         # neither run writes a slot or advances a counter (capturing executes nothing): the ledger discards both.
         swapped = compiled.swapped_in(cache) if compiled is not None else contextlib.nullcontext()
-        with swapped, cache.ledger.discarding():
-            side = _side_stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):
-                self.logits = step().logits
+        ledger = cache.ledger
+        ledger.defer_advance = self.advance_after_replay
+        try:
+            with swapped, ledger.discarding():
+                with contextlib.ExitStack() as side_streams:
+                    for d in devices:
+                        _side_stream(d).wait_stream(torch.cuda.current_stream(d))
+                        side_streams.enter_context(torch.cuda.stream(_side_stream(d)))
+                    warm_up = _SegmentedCapture(ledger, device, placement, capture=False)
+                    try:
+                        with warm_up.switching():
+                            step()
+                    finally:
+                        warm_up.finish()
+                for d in devices:
+                    torch.cuda.current_stream(d).wait_stream(_side_stream(d))
+                capture = _SegmentedCapture(ledger, device, placement)
+                try:
+                    with capture.switching():
+                        logits = step().logits
+                except BaseException:
+                    capture.abandon()
+                    raise
+                capture.finish()
+        finally:
+            ledger.defer_advance = False
+        self.segments = capture.segments
+        self.logits = logits if logits.device == device else torch.empty_like(logits, device=device)
+        self._device_logits = logits  # where the last segment writes them
         self.buffers = self._buffers(cache)
-        torch.cuda.synchronize(device)
+        for d in devices:
+            torch.cuda.synchronize(d)
         cache.decode_graph_warmup_s = time.perf_counter() - started
 
     @staticmethod
@@ -254,6 +464,12 @@ class _DecodeGraph:
             self.position_ids.fill_(cache.get_seq_length())
         else:
             self.position_ids.copy_(position_ids[:, -1:])
-        self.graph.replay()
-        cache.ledger.commit_replayed()
+        for segment in self.segments:
+            for source, copy in segment.handoff:
+                copy.copy_(source)  # across devices: ordered after both devices' work so far
+            with torch.cuda.device(segment.device):
+                segment.graph.replay()
+        if self.logits is not self._device_logits:
+            self.logits.copy_(self._device_logits)
+        cache.ledger.commit_replayed(advance=self.advance_after_replay)
         return CausalLMOutputWithPast(logits=self.logits, past_key_values=cache)

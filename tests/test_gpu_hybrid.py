@@ -87,3 +87,71 @@ def test_split_over_two_gpus_is_one_gpus_answer_every_time(dtype):
                     for a, b in zip(got.scores, expected.scores))
         assert worst <= (1e-4 if dtype == torch.float32 else 1e-2), worst
     assert {str(layer.keys.device) for layer in cache.layers} == {"cuda:0", "cuda:1"}
+
+
+TWO_GPU_MAPS = {
+    # the decoder split in two: one graph segment per GPU
+    "halves": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+               "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1},
+    # back to the first GPU for the head: three segments, two of them on cuda:0
+    "there_and_back": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                       "model.layers.2": 1, "model.layers.3": 0, "model.norm": 0, "lm_head": 0},
+    # the inputs' GPU holds no decoder layer: not capturable in segments, decoded eagerly (with a warning)
+    "layers_elsewhere": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 1, "model.layers.1": 1,
+                         "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1},
+}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled"])
+@pytest.mark.parametrize("split_map", list(TWO_GPU_MAPS))
+def test_split_over_two_gpus_under_cuda_graphs_is_one_gpus_answer(split_map, compiled):
+    """use_cuda_graphs on a model split by Accelerate: one captured segment per device, the hand-offs copied
+    between replays (``compile=True`` warns and captures uncompiled segments). fp32: the eager one-GPU tokens and
+    logits, generation after generation."""
+    from accelerate import dispatch_model
+
+    _, rolling = model_pair(tiny_config(WINDOW, layers=4, heads=8, kv_heads=2, head_dim=64))
+    one_gpu = copy.deepcopy(rolling).cuda()
+    expected = generate(one_gpu, past_key_values=RollingSlidingWindowCache(config=one_gpu.config))
+    split = dispatch_model(copy.deepcopy(rolling), device_map=TWO_GPU_MAPS[split_map])
+    hf_rolling_cache.use_cuda_graphs(split, compile=compiled)
+    for _ in range(5):
+        cache = RollingSlidingWindowCache(config=split.config)
+        got = generate(split, past_key_values=cache, prefill_chunk_size=WINDOW)
+        assert torch.equal(got.sequences.cpu(), expected.sequences.cpu())
+        for ours, theirs in zip(got.scores, expected.scores):
+            torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=1e-4)
+        assert got.scores[-1].device == torch.device("cuda:0")  # where Accelerate's hook returns them
+    segments = getattr(cache.decode_graph, "segments", None)
+    if split_map == "layers_elsewhere":
+        assert segments is None
+    else:
+        assert [str(s.device) for s in segments] == (
+            ["cuda:0", "cuda:1"] if split_map == "halves" else ["cuda:0", "cuda:1", "cuda:0"])
+    hf_rolling_cache.release_cuda_graphs(split)
+    assert "forward" in vars(split)  # Accelerate's hook is back on the instance
+    assert hasattr(split, "_hf_hook")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_hybrid_split_over_two_gpus_under_cuda_graphs():
+    """Gemma 3 (sliding and global layers) split in two, decoded through graph segments: Transformers' eager
+    tokens and logits in fp32."""
+    from accelerate import dispatch_model
+
+    reference = build("gemma3", WINDOW, seed=2).cuda()
+    expected = generate(reference)
+    model = copy.deepcopy(reference).cpu()
+    layers = len(model.model.layers)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1}
+    device_map |= {f"model.layers.{i}": int(i >= layers // 2) for i in range(layers)}
+    split = dispatch_model(model, device_map=device_map)
+    hf_rolling_cache.enable(split, prefill_chunk_size=5)
+    hf_rolling_cache.use_cuda_graphs(split)
+    cache = RollingSlidingWindowCache(config=split.config)
+    got = generate(split, past_key_values=cache, prefill_chunk_size=5)
+    assert torch.equal(got.sequences.cpu(), expected.sequences.cpu())
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=1e-4)
+    assert len(cache.decode_graph.segments) == 2
