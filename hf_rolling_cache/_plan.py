@@ -301,6 +301,7 @@ class DeviceDecodePlan:
     capacity: int  # slots per sequence; a global layer attends over all of them (the unfilled ones masked)
     seen: torch.Tensor  # [B] int64: real tokens per sequence before this step (the cache's own buffer)
     real: torch.Tensor  # [B] int64: 1 where the sequence has a token in this step
+    full: bool = False  # a ring (no slack) known on the host to hold a whole window in every row: no key mask
     phase = Phase.DECODE
     q_length = 1
     _per_device: dict = field(default_factory=dict, repr=False)
@@ -334,7 +335,11 @@ class DeviceDecodePlan:
             self._per_device[key] = (rows + slots, real.view(-1, 1, 1).bool())
         return self._per_device[key]
 
-    def key_padding(self, device: torch.device) -> torch.Tensor:
+    def key_padding(self, device: torch.device) -> torch.Tensor | None:
+        """``[B, 1, 1, capacity]``: True for the slots each row attends over; ``None`` when every slot of every row
+        holds a position of its window (`full`), which spares the attention a mask."""
+        if self.full:
+            return None
         key = ("key_padding", device)
         if key not in self._per_device:
             # a row with no token yet attends to its (zero) slot 0: a finite output, discarded as padding

@@ -58,6 +58,11 @@ class Counters:
         """Sequences held (0 before the first forward); known on the host even while the counters are not."""
         return len(self._seen)
 
+    def lower_bound(self) -> int:
+        """The fewest real tokens any sequence holds, as far as the host knows without a sync (the device counters
+        only grow, so the host list, however stale, bounds them from below)."""
+        return min(self._seen, default=0)
+
     def on_device(self, device: torch.device) -> torch.Tensor:
         """The counters as a device tensor, made once and then kept in step with the host list."""
         if self.device_seen is None or self.device_seen.device != device:
@@ -138,8 +143,10 @@ class StepLedger:
         if window not in step.plans:
             if step.device_counters is not None:
                 seen, real = step.device_counters
+                slots = capacity()
                 step.plans[window] = DeviceDecodePlan(
-                    window=window, capacity=capacity(), seen=seen, real=real, mirrors=step.mirrors)
+                    window=window, capacity=slots, seen=seen, real=real, mirrors=step.mirrors,
+                    full=self.rings_full(window, slots))
             else:
                 step.plans[window] = build_plan(
                     window=window, q_length=step.q_length, q_seqlens=step.q_seqlens, seen=step.seen,
@@ -171,6 +178,12 @@ class StepLedger:
             self.counters.device_seen.add_(self._step_real)
         self.counters.columns += 1
         self.counters.advanced_on_device()
+
+    def rings_full(self, window: int | None, capacity: int) -> bool:
+        """Whether a ring of ``capacity`` slots for ``window`` holds a whole window in every row before this step,
+        as far as the host knows: then every slot is attended and the decode step needs no key mask. A ring with
+        slack (for rollbacks) always has slots outside the window."""
+        return window is not None and capacity == window and self.counters.lower_bound() >= window
 
     def decode_step_open(self) -> bool:
         """A decode step planned on the device has begun (some layer has planned it) and is not committed."""

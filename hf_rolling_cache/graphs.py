@@ -361,6 +361,15 @@ class _NotCapturable(Exception):
     """This model's decode step cannot be captured in segments (it runs eagerly instead)."""
 
 
+_REFRESH_EVERY = 64  # replays between the host's reads of the counters while some ring is not yet full
+
+
+def _rings_full(cache: RollingSlidingWindowCache) -> bool:
+    """Every sliding layer's ring holds a whole window in every row (as far as the host knows): its decode steps
+    attend over all slots, without a key mask."""
+    return cache.ledger.rings_full(cache.window, cache.window + cache.slack)
+
+
 class _DecodeGraph:
     """One captured decode step: static input buffers, the graph (one per device for a split model), and the
     logits it writes."""
@@ -382,6 +391,8 @@ class _DecodeGraph:
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
         self.advance_after_replay = bool(placement)  # a split step's counters advance after its last segment
+        self.rings_full = _rings_full(cache)  # captured without the sliding layers' key mask
+        self._replays = 0
         cache.decode_on_device = True
         devices = sorted({device, *(d for _, d in placement)}, key=str)
 
@@ -445,6 +456,7 @@ class _DecodeGraph:
             and options == self.options
             and cache.ledger.step_buffers is not None
             and self._buffers(cache) == self.buffers
+            and self.rings_full == _rings_full(cache)  # once every ring is full, a capture without key mask
         )
 
     def run(self, cache: RollingSlidingWindowCache, kwargs: dict) -> CausalLMOutputWithPast:
@@ -472,4 +484,7 @@ class _DecodeGraph:
         if self.logits is not self._device_logits:
             self.logits.copy_(self._device_logits)
         cache.ledger.commit_replayed(advance=self.advance_after_replay)
+        self._replays += 1
+        if not self.rings_full and self._replays % _REFRESH_EVERY == 0:
+            cache.ledger.counters.seen  # noqa: B018 - a small read: the host learns when every ring is full
         return CausalLMOutputWithPast(logits=self.logits, past_key_values=cache)

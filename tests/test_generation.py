@@ -109,3 +109,25 @@ def test_decode_planned_on_the_device_matches(window, prompts, chunk):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     assert type(cache.last_plan).__name__ == "DeviceDecodePlan"
     assert cache.seen == [n + 3 * window + 1 for n in lengths]  # the host list catches up from the device
+
+
+@pytest.mark.parametrize("lengths,full", [((9, 6, 12), True), ((9, 2, 12), False)])
+def test_device_planned_decode_drops_the_key_mask_once_every_ring_is_full(lengths, full):
+    """When the host knows every row holds a whole window, a decode step attends over every slot with no key mask
+    (what a CUDA graph captured then replays); a row still filling its ring keeps the mask. Same answer either way."""
+    window = 4
+    expected = reference_run(window, lengths)
+    _, rolling = models(window)
+    input_ids, attention_mask = ragged_batch(list(lengths), seed=len(lengths))
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    cache.decode_on_device = True
+    got = rolling.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=3 * window + 2,
+        do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    plan = cache.last_plan
+    assert type(plan).__name__ == "DeviceDecodePlan" and plan.full is full
+    assert (plan.key_padding(torch.device("cpu")) is None) is full

@@ -155,3 +155,18 @@ def test_hybrid_split_over_two_gpus_under_cuda_graphs():
     for ours, theirs in zip(got.scores, expected.scores):
         torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=1e-4)
     assert len(cache.decode_graph.segments) == 2
+
+
+def test_graph_recaptured_without_key_mask_once_every_ring_is_full():
+    """A row shorter than the window keeps the key mask in the first capture; after the host's periodic read of
+    the counters shows every ring full, the step is captured again without it. Transformers' eager answer, fp32."""
+    reference, rolling = model_pair(tiny_config(WINDOW, layers=2))
+    reference, rolling = reference.cuda(), rolling.cuda()
+    hf_rolling_cache.use_cuda_graphs(rolling)
+    options = dict(max_new_tokens=100, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   pad_token_id=0)
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, seed=3))
+    cache = RollingSlidingWindowCache(config=rolling.config)
+    got = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **options)
+    assert_same(got, reference.generate(input_ids=input_ids, attention_mask=attention_mask, **options))
+    assert cache.decode_graph.rings_full
