@@ -1,11 +1,18 @@
-"""Where a decode step's time goes: eager forward, replayed CUDA graph, and the kernels (torch.profiler).
+"""Where a decode step's time goes: eager forward, replayed CUDA graph, and the kernels (torch.profiler), each
+class of kernel against its floor (the bytes it must read at the bandwidth this GPU shows on a large copy).
 
-    python -m benchmarks.profile_decode --batch 1 8 --prompt 6000 [--compile]
+    python -m benchmarks.profile_decode --batch 1 8 --prompt 6000 [--compile] [--json results/h100/profile.json]
+
+Kernel classes, by name: weight products (cuBLAS/cutlass GEMM and GEMV, and their split-K reduces), attention over
+the ring (SDPA/flash/cuDNN/xFormers), the ring write (index copies), everything else (norms, rotary, activations,
+adds: inductor's fused kernels or ATen's elementwise ones), and copies. The step's launch gaps are the replay's wall
+time minus the time its kernels ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -25,7 +32,7 @@ def timed(step, repeats: int) -> float:
 
 
 @torch.no_grad()
-def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> None:
+def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> dict:
     device = "cuda"
     model.set_attn_implementation("rolling_xformers")
     hf_rolling_cache.release_cuda_graphs(model)
@@ -57,15 +64,70 @@ def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> 
              f"({batch * 1000 / compiled_ms:.0f} tok/s ceiling)"), flush=True)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(PROFILED_STEPS):
             eager()  # the replayed graph (compiled, with --compile)
         torch.cuda.synchronize()
     hf_rolling_cache.release_cuda_graphs(model)
-    events = prof.key_averages()
-    total = sum(e.device_time_total for e in events) / 3 / 1000
-    print(f"  kernel time per step: {total:.2f} ms; top kernels (ms per step):")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
-        print(f"    {e.device_time_total / 3 / 1000:7.3f}  x{e.count // 3:<4d} {e.key[:110]}")
+    step_ms = compiled_ms if compiled_ms is not None else graph_ms
+    return breakdown(model, batch, prof.key_averages(), step_ms, top)
+
+
+PROFILED_STEPS = 3
+CLASSES = (  # (class, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax")),
+    ("weight products", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "splitKreduce", "cublas")),
+    ("ring write", ("index_copy", "index_put", "scatter", "indexing_backward", "index_elementwise")),
+    ("copies", ("memcpy", "memset", "copy_kernel")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for label, needles in CLASSES:
+        if any(needle.lower() in lowered for needle in needles):
+            return label
+    return "norms, rotary, activations, adds"
+
+
+def read_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second this GPU moves on a large device-to-device copy (read + write)."""
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = timed(lambda: target.copy_(source), 10) / 1000
+    del source, target
+    return 2 * gib * 2**30 / seconds
+
+
+def breakdown(model, batch: int, events, step_ms: float, top: int) -> dict:
+    """Milliseconds per step by kernel class, each against its floor; prints the top kernels too."""
+    config = model.config
+    bandwidth = read_bandwidth()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype_bytes = next(model.parameters()).element_size()
+    ring_bytes = (2 * config.num_hidden_layers * batch * config.sliding_window * config.num_key_value_heads
+                  * head_dim * dtype_bytes)  # every slot of every ring, keys and values, read once a step
+    floors = {"weight products": weight_bytes / bandwidth * 1000, "attention": ring_bytes / bandwidth * 1000}
+    per_class: dict[str, float] = {}
+    for event in events:
+        label = kernel_class(event.key)
+        per_class[label] = per_class.get(label, 0.0) + event.device_time_total / PROFILED_STEPS / 1000
+    kernels_ms = sum(per_class.values())
+    print(f"  read bandwidth {bandwidth / 1e12:.2f} TB/s; step {step_ms:.3f} ms, kernels {kernels_ms:.3f} ms, "
+          f"launch gaps {step_ms - kernels_ms:.3f} ms; floor of the step "
+          f"{(weight_bytes + ring_bytes) / bandwidth * 1000:.3f} ms ({batch * bandwidth / (weight_bytes + ring_bytes):.0f} "
+          "tok/s)")
+    for label, ms in sorted(per_class.items(), key=lambda item: -item[1]):
+        floor = floors.get(label)
+        print(f"    {label:34s} {ms:7.3f} ms" + ("" if floor is None else f"  floor {floor:.3f} ms "
+                                                  f"({100 * floor / ms:.0f}% of it)"))
+    print(f"  top kernels (ms per step):")
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"    {event.device_time_total / PROFILED_STEPS / 1000:7.3f}  x{event.count // PROFILED_STEPS:<4d} "
+              f"[{kernel_class(event.key)}] {event.key[:100]}")
+    return dict(batch=batch, step_ms=step_ms, kernels_ms=kernels_ms, launch_gaps_ms=step_ms - kernels_ms,
+                bandwidth_tb_s=bandwidth / 1e12, floors_ms=floors, per_class_ms=per_class)
 
 
 def main() -> None:
@@ -74,10 +136,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=6000)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="also profile use_cuda_graphs(compile=True)")
+    parser.add_argument("--json", default=None, help="write the per-class figures here")
     args = parser.parse_args()
     model = build_model(False, "cuda")
-    for batch in args.batch:
-        profile(model, batch, args.prompt, args.top, args.compile)
+    rows = [profile(model, batch, args.prompt, args.top, args.compile) for batch in args.batch]
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, prompt=args.prompt,
+                           compiled=args.compile, rows=rows), handle, indent=2)
 
 
 if __name__ == "__main__":
