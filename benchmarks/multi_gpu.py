@@ -139,9 +139,9 @@ def check(model, new_tokens: int = 48) -> dict:
         rows[path] = got.sequences[:, -new_tokens:].tolist()
         rows[f"{path}_same_tokens"] = same
         rows[f"{path}_max_logit_diff"] = worst
-        rows[f"{path}_replayed"] = cache.decode_graph is not None
+        rows[f"{path}_replayed"] = getattr(cache.decode_graph, "segments", None) is not None
         say(f"fp32 {path}: same tokens as Transformers: {same}; max logit diff {worst:.2e}; "
-            f"graph replayed: {cache.decode_graph is not None}")
+            f"graph replayed: {rows[f'{path}_replayed']}")
     return rows
 
 
@@ -167,7 +167,7 @@ def measure(model, path: str, batch: int, prompt: int, new_tokens: int, weights:
             clock = StepClock()
             _, cache = run_generate(model, path, input_ids, new_tokens, device, clock)
             row["decode_tok_s"] = round(clock.steady_tokens_per_s(batch), 1)
-            row["replayed"] = getattr(cache, "decode_graph", None) is not None
+            row["replayed"] = getattr(getattr(cache, "decode_graph", None), "segments", None) is not None
             del cache
     except torch.OutOfMemoryError:
         row["error"] = "OOM"

@@ -136,6 +136,13 @@ class RollingSlidingWindowCache(Cache):
         change. Called by the step ledger before each step, and by CUDA graph decoding before a replay."""
         if tokens <= self._global_capacity:
             return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # new storage inside a capture would come from the graph's pool, its copy never executed: a replay
+            # would read the freed old buffer. CUDA graph decoding reserves before it captures.
+            raise RuntimeError(
+                f"A global layer would grow to hold {tokens} tokens during a CUDA graph capture. This is a bug in "
+                "hf_rolling_cache: please report it; release_cuda_graphs(model) decodes eagerly meanwhile."
+            )
         self._global_capacity = max(tokens, 2 * self._global_capacity, _FIRST_GLOBAL_CAPACITY)
         for layer in self.global_layers:
             layer.grow(self._global_capacity)

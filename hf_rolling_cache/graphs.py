@@ -60,18 +60,19 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     eager_forward = model.forward
     compiled = _CompiledLayers(model) if compile else None
 
-    placement = None  # the model's device_map split, read at the first decode step (after any dispatch)
+    placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
 
     @functools.wraps(eager_forward)
-    def forward(*args, **kwargs):
+    def forward(*args, **kwargs):  # noqa: D401 - Accelerate may wrap this later (its _old_forward is then this)
         nonlocal placement
         cache = kwargs.get("past_key_values")
         if placement is None and isinstance(cache, RollingSlidingWindowCache):
-            placement = _split(model)
+            placement = _placement(model)
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
+    forward.replays_decode_steps = True
     setattr(model, _HAD_FORWARD, "forward" in vars(model))
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
@@ -149,16 +150,16 @@ class _CompiledLayers:
 _UNSET = object()
 
 
-def _replayable(placement, cache, kwargs) -> bool:
+def _replayable(placement: _Placement, cache, kwargs) -> bool:
     input_ids = kwargs.get("input_ids")
-    if not isinstance(cache, RollingSlidingWindowCache) or input_ids is None:
-        return False
+    if not isinstance(cache, RollingSlidingWindowCache) or input_ids is None or placement.offloaded:
+        return False  # offloaded weights arrive as new tensors each forward: a replay would read freed memory
     devices = {layer.device for layer in cache.layers if layer.is_initialized}
     return (
         input_ids.is_cuda
         and input_ids.shape[1] == 1
         and cache.get_seq_length() > 0
-        and (devices == {input_ids.device} or (all(d.type == "cuda" for d in devices) and bool(placement)))
+        and (devices == {input_ids.device} or (all(d.type == "cuda" for d in devices) and placement.split))
         and kwargs.get("inputs_embeds") is None
         and not kwargs.get("output_attentions")
         and not kwargs.get("output_hidden_states")
@@ -174,19 +175,24 @@ def _decode_graph(
     model, placement, cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
 ) -> _DecodeGraph:
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
-    if placement and compiled is not None:
+    if placement.split and compiled is not None:
         _warn_uncompiled()
         compiled = None
     graph = cache.decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
     if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
         cache.decode_graph = None
-        # Accelerate's hook on the top module would copy the logits back across devices mid-capture
-        step_forward = getattr(model, "_old_forward", eager_forward) if placement else eager_forward
+        step_forward = eager_forward
+        if placement.split:  # Accelerate's hook on the top module would copy the logits back mid-capture
+            unhooked = getattr(model, "_old_forward", None)
+            if unhooked is not None and not getattr(unhooked, "replays_decode_steps", False):
+                step_forward = unhooked  # (dispatched after use_cuda_graphs, its hook sits outside ours already)
         try:
-            graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, placement)
+            segments = placement.modules if placement.split else ()
+            graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, segments)
         except _NotCapturable as reason:
             _warn_eager(str(reason))
+            cache.decode_on_device = False  # plain eager steps, with every check of the host plans
             graph = _EagerSteps(eager_forward)
         cache.decode_graph = graph
     return graph
@@ -219,25 +225,36 @@ class _EagerSteps:
         return self.eager_forward(**kwargs)
 
 
-def _split(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.device]]:
-    """The submodules Accelerate runs on a CUDA device of their own (``device_map``), with that device; empty
-    when the model is not dispatched, or when a hook offloads weights (a replay would not bring them in)."""
-    placed = []
+@dataclass(frozen=True)
+class _Placement:
+    """Where Accelerate runs a model's parts: the submodules it placed on a CUDA device of their own
+    (``device_map``), with that device, and whether any hook offloads weights to the CPU or disk."""
+
+    modules: tuple[tuple[torch.nn.Module, torch.device], ...] = ()
+    offloaded: bool = False
+
+    @property
+    def split(self) -> bool:
+        """Parts on more than one GPU: a decode step is captured in segments, one per device."""
+        return len({device for _, device in self.modules}) > 1
+
+
+def _placement(model: torch.nn.Module) -> _Placement:
+    placed, offloaded = [], False
     for module in model.modules():
         hooks = getattr(module, "_hf_hook", None)
         hooks = getattr(hooks, "hooks", (hooks,))  # Accelerate's SequentialHook holds several
         for hook in hooks:
             if hook is None:
                 continue
-            if getattr(hook, "offload", False):
-                return []
+            offloaded = offloaded or bool(getattr(hook, "offload", False))
             device = getattr(hook, "execution_device", None)
             if device is not None and module is not model:
                 device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
                 if device.type != "cuda":
-                    return []
+                    offloaded = True  # a part that runs off the GPU: nothing to capture there
                 placed.append((module, device))
-    return placed if len({device for _, device in placed}) > 1 else []
+    return _Placement(tuple(placed), offloaded)
 
 
 @functools.cache
@@ -274,6 +291,8 @@ class _SegmentedCapture:
         self.capture = capture  # False: a warm-up, which stages the same inputs (compiled code sees what it will)
         self.segments: list[_Segment] = []
         self._capturing: contextlib.ExitStack | None = None
+        self._copies: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, id of source): staged copy
+        self._columns = ledger.counters.columns  # changes when the step commits
         self._begin(device, [])
 
     @property
@@ -303,32 +322,32 @@ class _SegmentedCapture:
             pass
 
     def _switch(self, device: torch.device, args, kwargs):
+        """End the segment in progress and begin one on ``device``, with the inputs from elsewhere staged there."""
         self.finish()
-        if len(self.segments) == 1 and not self.ledger.decode_step_open():
+        step_begun = self.ledger.decode_step_open() or self.ledger.counters.columns != self._columns
+        if len(self.segments) == 1 and not step_begun:
             # the step would open on a later device, reading the attention mask from the first: run it eagerly
             raise _NotCapturable(f"the first decoder layer is not on {self.device}, where the inputs are")
         handoff = self.ledger.stage_on(device)
         values, _ = tree_flatten((args, kwargs))
         for value in values:
-            if isinstance(value, torch.Tensor) and value.is_cuda and value.device != device:
-                handoff.append((value, value.to(device)))
+            if _foreign(value, device):
+                if (device, id(value)) not in self._copies:
+                    self._copies[device, id(value)] = value.to(device)
+                handoff.append((value, self._copies[device, id(value)]))
         self._begin(device, handoff)
         return self._staged(args, kwargs)
 
     def _staged(self, args, kwargs):
         """The module's inputs with each tensor from another device replaced by its copy on this segment's
-        device. The model hands the same tensors (rotary tables, positions) to every layer, so later layers of
-        the segment get the copies staged at its switch; a tensor staged nowhere cannot be copied mid-capture."""
-        segment = self.segments[-1]
-        copies = {id(source): copy for source, copy in segment.handoff}
+        device. The model hands the same tensors (rotary tables, positions) to every layer, so later layers get
+        the copies staged earlier in the step; a tensor not staged yet (Gemma 3's second rotary table, first read
+        by its first global layer) ends the segment: a new one begins on the same device with it handed over."""
+        device = self.device
         values, spec = tree_flatten((args, kwargs))
-        staged = []
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.is_cuda and value.device != segment.device:
-                if id(value) not in copies:
-                    raise _NotCapturable(f"a tensor on {value.device} reaches a module on {segment.device} mid-step")
-                value = copies[id(value)]
-            staged.append(value)
+        if any(_foreign(value, device) and (device, id(value)) not in self._copies for value in values):
+            return self._switch(device, args, kwargs)
+        staged = [self._copies[device, id(value)] if _foreign(value, device) else value for value in values]
         return tree_unflatten(staged, spec)
 
     @contextlib.contextmanager
@@ -355,6 +374,10 @@ class _SegmentedCapture:
             return forward(*args, **kwargs)
 
         return forward_on_device
+
+
+def _foreign(value, device: torch.device) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_cuda and value.device != device
 
 
 class _NotCapturable(Exception):
@@ -404,31 +427,36 @@ class _DecodeGraph:
 
         # Warm up on side streams (cuBLAS, allocator, compilation), then capture. With every row marked as padding
         # neither run writes a slot or advances a counter (capturing executes nothing): the ledger discards both.
+        # Each run is discarded on its own: the capture must plan with the counters the warm-up found (a step
+        # that looked one column ahead could grow a global layer inside the capture, into the graph's pool).
         swapped = compiled.swapped_in(cache) if compiled is not None else contextlib.nullcontext()
         ledger = cache.ledger
         ledger.defer_advance = self.advance_after_replay
         try:
-            with swapped, ledger.discarding():
-                with contextlib.ExitStack() as side_streams:
+            with swapped:
+                with ledger.discarding():
                     for d in devices:
                         _side_stream(d).wait_stream(torch.cuda.current_stream(d))
-                        side_streams.enter_context(torch.cuda.stream(_side_stream(d)))
-                    warm_up = _SegmentedCapture(ledger, device, placement, capture=False)
                     try:
-                        with warm_up.switching():
-                            step()
-                    finally:
-                        warm_up.finish()
-                for d in devices:
-                    torch.cuda.current_stream(d).wait_stream(_side_stream(d))
-                capture = _SegmentedCapture(ledger, device, placement)
-                try:
-                    with capture.switching():
-                        logits = step().logits
-                except BaseException:
-                    capture.abandon()
-                    raise
-                capture.finish()
+                        with contextlib.ExitStack() as side_streams:
+                            for d in devices:
+                                side_streams.enter_context(torch.cuda.stream(_side_stream(d)))
+                            warm_up = _SegmentedCapture(ledger, device, placement, capture=False)
+                            with warm_up.switching():
+                                step()
+                            warm_up.finish()
+                    finally:  # also when it raised: later eager steps must not overtake its writes
+                        for d in devices:
+                            torch.cuda.current_stream(d).wait_stream(_side_stream(d))
+                with ledger.discarding():
+                    capture = _SegmentedCapture(ledger, device, placement)
+                    try:
+                        with capture.switching():
+                            logits = step().logits
+                    except BaseException:
+                        capture.abandon()
+                        raise
+                    capture.finish()
         finally:
             ledger.defer_advance = False
         self.segments = capture.segments

@@ -154,7 +154,9 @@ def test_hybrid_split_over_two_gpus_under_cuda_graphs():
     assert torch.equal(got.sequences.cpu(), expected.sequences.cpu())
     for ours, theirs in zip(got.scores, expected.scores):
         torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=1e-4)
-    assert len(cache.decode_graph.segments) == 2
+    # cuda:0, then cuda:1 (a new segment there where the first global layer brings its own rotary tables)
+    devices = [str(segment.device) for segment in cache.decode_graph.segments]
+    assert devices[0] == "cuda:0" and set(devices[1:]) == {"cuda:1"}, devices
 
 
 def test_graph_recaptured_without_key_mask_once_every_ring_is_full():
@@ -170,3 +172,18 @@ def test_graph_recaptured_without_key_mask_once_every_ring_is_full():
     got = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **options)
     assert_same(got, reference.generate(input_ids=input_ids, attention_mask=attention_mask, **options))
     assert cache.decode_graph.rings_full
+
+
+def test_graph_captured_one_column_before_a_global_layer_grows():
+    """The capture plans with the columns its warm-up found: at 255 columns (a global layer of 256 slots, no
+    max_length) the warm-up's discarded step must not make the capture grow the layer inside the graph."""
+    reference = build("gemma3", WINDOW, seed=2).cuda()
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation("rolling_xformers")
+    hf_rolling_cache.use_cuda_graphs(model)
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch([255, 200], seed=4))
+    options = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   pad_token_id=0)
+    cache = RollingSlidingWindowCache(config=model.config)
+    got = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **options)
+    assert_same(got, reference.generate(input_ids=input_ids, attention_mask=attention_mask, **options))

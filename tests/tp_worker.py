@@ -27,7 +27,7 @@ def main(checkpoint: str, path: str, out: str) -> None:
     got = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, past_key_values=cache,
                          max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True,
                          pad_token_id=0)
-    replayed = cache.decode_graph is not None
+    replayed = getattr(cache.decode_graph, "segments", None) is not None  # a captured graph, not eager steps
     if dist.get_rank() == 0:
         torch.save(dict(sequences=got.sequences.cpu(), scores=[s.cpu() for s in got.scores], replayed=replayed,
                         kv_heads=cache.layers[0].keys.shape[1]), out)
