@@ -40,6 +40,7 @@ from transformers import (
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache.tools.memory import cache_bytes
 from hf_rolling_cache.tools.models import tiny_mistral_config
 
 def rolling_cache(model, max_length):
@@ -130,13 +131,6 @@ def build_model(tiny: bool, device: str, shape: str = "mistral-7b"):
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def cache_bytes(cache) -> int:
-    if isinstance(cache, RollingSlidingWindowCache):
-        return cache.memory_bytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
 
 
 class StepClock(StoppingCriteria):

@@ -1,4 +1,5 @@
-"""Shared builders: tiny Mistral pairs (eager reference, rolling) with the same weights, and ragged batches."""
+"""Shared by the test modules: tiny Mistral pairs (eager reference, rolling) with the same weights, ragged batches,
+oracles computed without the package (a layer-0 key, the ring's slot formula) and the article's walkthrough masks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
+from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 import hf_rolling_cache  # noqa: F401  (registers "rolling_xformers")
 from hf_rolling_cache.tools.models import tiny_mistral_config
@@ -42,6 +44,51 @@ def ragged_batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[to
         input_ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
         attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
+
+
+# The walkthrough of "KV Caching in Mistral with Transformers and xFormers": seqlens [4, 1, 3], W = 3, chunk 2.
+SEED_ITERATION_1 = [
+    [1, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0],
+    [0, 0, 1, 0, 0],
+    [0, 0, 0, 1, 0],
+    [0, 0, 0, 1, 1],
+]
+# Iteration 2: queries [2, 0, 1] over kv [4, 1, 3]; each query sees itself and the two tokens before it.
+SEED_ITERATION_2 = [
+    [1, 1, 1, 0, 0, 0, 0, 0],  # seq 0, position 2: positions 0, 1, 2 of its 4 keys
+    [0, 1, 1, 1, 0, 0, 0, 0],  # seq 0, position 3: positions 1, 2, 3
+    [0, 0, 0, 0, 0, 1, 1, 1],  # seq 2, position 2: its 2 cached + itself
+]
+# First decode step: a 9-wide mask (3 slots per sequence), the second sequence's third slot still empty.
+SEED_DECODE_1 = [
+    [1, 1, 1, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 1, 1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 1, 1, 1],
+]
+
+
+def held_positions(seen: int, slots: int) -> list[int]:
+    """Per slot of a ring of ``slots`` slots after positions 0 .. seen-1, the position it holds (-1: none yet): the
+    ring formula (position p in slot p % slots, later positions overwriting earlier ones), written out here rather
+    than taken from the package."""
+    held = [-1] * slots
+    for position in range(seen):
+        held[position % slots] = position
+    return held
+
+
+def layer0_key(model, token: int, position: int) -> torch.Tensor:
+    """The layer-0 key of ``token`` at ``position`` in a Mistral model: it depends on nothing else, so it is an exact
+    oracle for what a ring slot holds."""
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(torch.tensor([[token]]))
+        attention = model.model.layers[0].self_attn
+        normed = model.model.layers[0].input_layernorm(hidden)
+        key = attention.k_proj(normed).view(1, 1, -1, attention.head_dim).transpose(1, 2)  # [1, H_kv, 1, D]
+        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[position]]))
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    return key[0, :, 0]  # [H_kv, D]
 
 
 def word_tokenizer(vocab_size=97):

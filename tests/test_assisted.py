@@ -8,8 +8,6 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache._plan import Phase, build_plan
-from hf_rolling_cache._ring import slot_positions
 from tests.conftest import model_pair, tiny_config
 
 WINDOW = 4
@@ -72,16 +70,3 @@ def test_a_ring_with_slack_rolls_back_exactly_and_refuses_more():
     cache.crop(-3)
     assert cache.seen == [9]
 
-
-def test_decode_with_slack_attends_to_the_window_only():
-    """A ring of window + slack slots after a rollback: slots holding rolled-back drafts and tokens older than the
-    window are masked; the others are exactly the window's positions."""
-    window, slack = 3, 2
-    seen = [9, 4, 1]  # 9 tokens held in a 5-slot ring, then a rollback would leave drafts in slots of 9, 10
-    plan = build_plan(window=window, capacity=window + slack, q_length=1, q_seqlens=[1, 1, 1], seen=seen)
-    assert plan.phase is Phase.DECODE and plan.key_span == window + slack
-    valid = plan.key_padding(torch.device("cpu")).view(3, -1)
-    for row, s in enumerate(seen):
-        held = slot_positions(s + 1, window + slack)  # after this step's write
-        expected = [0 <= p and s + 1 - window <= p <= s for p in held]
-        assert valid[row].tolist() == expected

@@ -2,23 +2,9 @@
 
 import pytest
 import torch
-from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache._ring import slot_positions
-from tests.conftest import model_pair, ragged_batch, tiny_config
-
-
-def layer0_key(model, token: int, position: int) -> torch.Tensor:
-    """The layer-0 key of ``token`` at ``position``: it depends on nothing else, so it is an exact oracle."""
-    with torch.no_grad():
-        hidden = model.model.embed_tokens(torch.tensor([[token]]))
-        attention = model.model.layers[0].self_attn
-        normed = model.model.layers[0].input_layernorm(hidden)
-        key = attention.k_proj(normed).view(1, 1, -1, attention.head_dim).transpose(1, 2)  # [1, H_kv, 1, D]
-        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[position]]))
-        _, key = apply_rotary_pos_emb(key, key, cos, sin)
-    return key[0, :, 0]  # [H_kv, D]
+from tests.conftest import held_positions, layer0_key, model_pair, ragged_batch, tiny_config
 
 
 def generate(model, lengths, new_tokens, chunk=None):
@@ -47,7 +33,7 @@ def test_ring_holds_exactly_the_newest_window_of_each_sequence(chunk):
     for row, length in enumerate(lengths):
         tokens = out[row, width - length :].tolist()[:-1]  # the last generated token was never fed back
         assert cache.seen[row] == len(tokens)
-        held = slot_positions(len(tokens), window)
+        held = held_positions(len(tokens), window)
         assert cache.slot_positions()[row] == held
         for slot, position in enumerate(held):
             if position < 0:

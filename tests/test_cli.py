@@ -10,9 +10,10 @@ import torch
 from transformers import DynamicCache, GPT2Config, MistralConfig, MistralForCausalLM
 
 from hf_rolling_cache.tools import estimate
-from hf_rolling_cache.tools.bench import bench_config, cache_bytes
+from hf_rolling_cache.tools.bench import bench_config
 from hf_rolling_cache.tools.cli import main
-from tests.test_plan import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
+from hf_rolling_cache.tools.memory import cache_bytes
+from tests.conftest import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
 
 
 def run(capsys, *argv):

@@ -10,10 +10,10 @@ from transformers import DynamicCache
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache._support import FULL, SLIDING
 from tests.conftest import ragged_batch, word_tokenizer
 from tests.families import FAMILIES, build
 
+SLIDING, FULL = "sliding_attention", "full_attention"  # Transformers' layer_types
 WINDOW = 4
 PROMPTS = [13, 2, 9]  # ragged, left padded, two of them past the window
 NEW = 12
@@ -201,16 +201,6 @@ def test_families_whose_window_is_not_plain_are_refused(model_type):
     config.model_type = model_type
     with pytest.raises(ValueError, match="not a plain sliding window"):
         RollingSlidingWindowCache(config=config)
-
-
-def test_per_layer_windows_that_differ_are_refused(monkeypatch):
-    """Per-layer configs (Transformers' heterogeneous configs) could give sliding layers different windows."""
-    import hf_rolling_cache._support as support
-
-    kinds = ([SLIDING, SLIDING, FULL], [{"sliding_window": 4}, {"sliding_window": 8}, {}])
-    monkeypatch.setattr(support, "get_layer_types_and_kwargs", lambda config: kinds)
-    with pytest.raises(ValueError, match=r"different windows \[4, 8\]"):
-        support.layer_windows(FAMILIES["gemma3"].make_config(WINDOW))
 
 
 def test_a_stateful_model_is_refused():

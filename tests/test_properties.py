@@ -7,9 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_rolling_cache import RollingSlidingWindowCache
-from hf_rolling_cache._ring import slot_of
-from tests.conftest import model_pair, ragged_batch, tiny_config
-from tests.test_cache import layer0_key
+from tests.conftest import held_positions, layer0_key, model_pair, ragged_batch, tiny_config
 
 
 @st.composite
@@ -53,8 +51,7 @@ def test_parity_and_ring_invariants(case):
     for row, length in enumerate(case["lengths"]):
         tokens = got.sequences[row, width - length :].tolist()[:-1]  # the last token was never fed back
         assert cache.seen[row] == len(tokens)
-        newest = {slot_of(p, window): p for p in range(len(tokens))}  # later positions overwrite earlier ones
-        held = [newest.get(slot, -1) for slot in range(window)]
+        held = held_positions(len(tokens), window)
         assert cache.slot_positions()[row] == held
         for slot, position in enumerate(held):
             if position < 0:

@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hf_rolling_cache
-from hf_rolling_cache._support import layer_windows
+from hf_rolling_cache._support import FULL, SLIDING, layer_windows
 from hf_rolling_cache.attention import RollingMask, rolling_attention_forward
 from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.families import FAMILIES
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=None, eos_token_id=None)
@@ -42,6 +43,14 @@ def test_layers_that_are_not_attention_are_refused():
     config.layer_types = ["sliding_attention", "linear_attention"]
     with pytest.raises(ValueError, match="linear_attention"):
         layer_windows(config)
+
+
+def test_per_layer_windows_that_differ_are_refused(monkeypatch):
+    """Per-layer configs (Transformers' heterogeneous configs) could give sliding layers different windows."""
+    kinds = ([SLIDING, SLIDING, FULL], [{"sliding_window": 4}, {"sliding_window": 8}, {}])
+    monkeypatch.setattr("hf_rolling_cache._support.get_layer_types_and_kwargs", lambda config: kinds)
+    with pytest.raises(ValueError, match=r"different windows \[4, 8\]"):
+        layer_windows(FAMILIES["gemma3"].make_config(4))
 
 
 def test_a_window_on_a_model_that_never_slides_is_refused_before_anything_is_written():

@@ -3,8 +3,7 @@
 import torch
 
 from hf_rolling_cache.tools.walkthrough import run_walkthrough
-from tests.test_cache import layer0_key
-from tests.test_plan import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2
+from tests.conftest import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2, layer0_key
 
 
 def test_seed_walkthrough_golden():

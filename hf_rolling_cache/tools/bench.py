@@ -2,8 +2,8 @@
 with Transformers' cache and with the rolling cache, timed, with the KV-cache bytes each holds at the end.
 
 All three paths share the model, the prompt and the attention kernel family ("sdpa" for the first two), so the
-time differences come from caching. Memory counts the storage the cache's tensors keep alive, not their visible
-shape: Transformers' sliding layer shows W-1 tokens but keeps the W-token tensor it sliced them from.
+time differences come from caching. Memory is `memory.cache_bytes`: the storage the cache's tensors keep alive, not
+their visible shape (Transformers' sliding layer shows W-1 tokens but keeps the W-token tensor it sliced them from).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from ..cache import RollingSlidingWindowCache
+from .memory import cache_bytes
 from .models import tiny_mistral_config
 
 VOCAB = 1000
@@ -80,15 +81,3 @@ def _generate(model, prompt: torch.Tensor, length: int, cache) -> torch.Tensor:
                           min_new_tokens=length, do_sample=False, use_cache=cache is not None, past_key_values=cache,
                           pad_token_id=0)
 
-
-def cache_bytes(cache) -> int:
-    """Bytes of the distinct storages behind a cache's key and value tensors (0 for no cache)."""
-    if cache is None:
-        return 0
-    storages = {}
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())

@@ -36,7 +36,8 @@ def load_smollm2(
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     tokenizer.padding_side = "left"
-    llama = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+    # dequantized in float32 (Transformers' GGUF path warns about any other dtype), cast by load_state_dict below
+    llama = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     source = llama.config
     config = MistralConfig(
         vocab_size=source.vocab_size,
