@@ -187,3 +187,31 @@ def test_graph_captured_one_column_before_a_global_layer_grows():
     cache = RollingSlidingWindowCache(config=model.config)
     got = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **options)
     assert_same(got, reference.generate(input_ids=input_ids, attention_mask=attention_mask, **options))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("path", ["eager", "graphs"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_split_over_two_gpus_matches_itself_under_launch_blocking(dtype, path, tmp_path):
+    """20 generations of a split model in one process, each equal to the same path with CUDA_LAUNCH_BLOCKING=1
+    (where every launch waits, so no kernel can overtake another)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("split_worker.py")
+    answers = {}
+    for blocking in ("0", "1"):
+        out = tmp_path / f"blocking{blocking}.pt"
+        run = subprocess.run([sys.executable, str(worker), dtype, path, "20" if blocking == "0" else "1", str(out)],
+                             env={**os.environ, "CUDA_LAUNCH_BLOCKING": blocking}, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, f"worker failed ({run.returncode}):\n{run.stderr[-8000:]}"
+        answers[blocking] = torch.load(out)
+    expected = answers["1"][0]
+    tolerance = 1e-4 if dtype == "float32" else 1e-2
+    for got in answers["0"]:
+        assert torch.equal(got["sequences"], expected["sequences"])
+        for ours, theirs in zip(got["scores"], expected["scores"]):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=tolerance)
