@@ -17,7 +17,7 @@ residual adds become a few fused kernels. The cache's ``update`` and the attenti
 model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
-states, rotary tables, the step's counters) copied between the replays (`_SegmentedCapture`); such a model's
+states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
 layers are not compiled. Under tensor parallelism (``tp_plan``, one process per GPU) each process captures its
 own step, the all-reduces included.
 """
@@ -28,13 +28,12 @@ import contextlib
 import functools
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ._layers import write_tokens
+from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
 _ORIGINAL_FORWARD = "_hf_rolling_cache_eager_forward"
@@ -67,7 +66,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
         nonlocal placement
         cache = kwargs.get("past_key_values")
         if placement is None and isinstance(cache, RollingSlidingWindowCache):
-            placement = _placement(model)
+            placement = placement_of(model)
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
@@ -150,7 +149,7 @@ class _CompiledLayers:
 _UNSET = object()
 
 
-def _replayable(placement: _Placement, cache, kwargs) -> bool:
+def _replayable(placement: Placement, cache, kwargs) -> bool:
     input_ids = kwargs.get("input_ids")
     if not isinstance(cache, RollingSlidingWindowCache) or input_ids is None or placement.offloaded:
         return False  # offloaded weights arrive as new tensors each forward: a replay would read freed memory
@@ -190,7 +189,7 @@ def _decode_graph(
         try:
             segments = placement.modules if placement.split else ()
             graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, segments)
-        except _NotCapturable as reason:
+        except NotCapturable as reason:
             _warn_eager(str(reason))
             cache.decode_on_device = False  # plain eager steps, with every check of the host plans
             graph = _EagerSteps(eager_forward)
@@ -223,165 +222,6 @@ class _EagerSteps:
 
     def run(self, cache, kwargs):
         return self.eager_forward(**kwargs)
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Where Accelerate runs a model's parts: the submodules it placed on a CUDA device of their own
-    (``device_map``), with that device, and whether any hook offloads weights to the CPU or disk."""
-
-    modules: tuple[tuple[torch.nn.Module, torch.device], ...] = ()
-    offloaded: bool = False
-
-    @property
-    def split(self) -> bool:
-        """Parts on more than one GPU: a decode step is captured in segments, one per device."""
-        return len({device for _, device in self.modules}) > 1
-
-
-def _placement(model: torch.nn.Module) -> _Placement:
-    placed, offloaded = [], False
-    for module in model.modules():
-        hooks = getattr(module, "_hf_hook", None)
-        hooks = getattr(hooks, "hooks", (hooks,))  # Accelerate's SequentialHook holds several
-        for hook in hooks:
-            if hook is None:
-                continue
-            offloaded = offloaded or bool(getattr(hook, "offload", False))
-            device = getattr(hook, "execution_device", None)
-            if device is not None and module is not model:
-                device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-                if device.type != "cuda":
-                    offloaded = True  # a part that runs off the GPU: nothing to capture there
-                placed.append((module, device))
-    return _Placement(tuple(placed), offloaded)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One warm-up and capture stream per device for every graph: cuBLAS keeps a workspace per stream it has
-    run on, so a fresh stream per capture would leave one more workspace allocated each time."""
-    return torch.cuda.Stream(device)
-
-
-@dataclass(eq=False)
-class _Segment:
-    """The part of a decode step that runs on one device, captured as one graph, and the tensors handed to it
-    from the segment before: ``(source there, static copy here)``, copied before each replay."""
-
-    device: torch.device
-    graph: torch.cuda.CUDAGraph
-    handoff: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class _SegmentedCapture:
-    """Captures a decode step as one CUDA graph per device, for a model Accelerate split over devices.
-
-    PyTorch captures a graph on one device, and a captured copy to another device would be ordered by events
-    outside the capture. So every module Accelerate placed on another device is a switch: the capture on the
-    current device ends there, the module's tensor inputs (hidden states, rotary tables, positions) and the
-    step's device counters are staged on its device as static copies, and a capture there begins. A replay runs
-    the segments in order and copies each hand-off (a few KB) between them; PyTorch orders a cross-device copy
-    after the work on both devices' current streams, so no segment reads a tensor before it is written.
-    """
-
-    def __init__(self, ledger, device: torch.device, placement, capture: bool = True) -> None:
-        self.ledger = ledger
-        self.placement = placement
-        self.capture = capture  # False: a warm-up, which stages the same inputs (compiled code sees what it will)
-        self.segments: list[_Segment] = []
-        self._capturing: contextlib.ExitStack | None = None
-        self._copies: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, id of source): staged copy
-        self._columns = ledger.counters.columns  # changes when the step commits
-        self._begin(device, [])
-
-    @property
-    def device(self) -> torch.device:
-        return self.segments[-1].device
-
-    def _begin(self, device: torch.device, handoff) -> None:
-        graph = torch.cuda.CUDAGraph() if self.capture else None
-        self._capturing = contextlib.ExitStack()
-        self._capturing.enter_context(torch.cuda.device(device))
-        if graph is not None:
-            self._capturing.enter_context(torch.cuda.graph(graph, stream=_side_stream(device)))
-        self.segments.append(_Segment(device, graph, handoff))
-
-    def finish(self) -> None:
-        """End the capture in progress."""
-        capturing, self._capturing = self._capturing, None
-        if capturing is not None:
-            capturing.close()
-
-    def abandon(self) -> None:
-        """End the capture after the step raised: the capture's own error (it is invalid now) would hide the
-        step's, which says what went wrong."""
-        try:
-            self.finish()
-        except RuntimeError:
-            pass
-
-    def _switch(self, device: torch.device, args, kwargs):
-        """End the segment in progress and begin one on ``device``, with the inputs from elsewhere staged there."""
-        self.finish()
-        step_begun = self.ledger.decode_step_open() or self.ledger.counters.columns != self._columns
-        if len(self.segments) == 1 and not step_begun:
-            # the step would open on a later device, reading the attention mask from the first: run it eagerly
-            raise _NotCapturable(f"the first decoder layer is not on {self.device}, where the inputs are")
-        handoff = self.ledger.stage_on(device)
-        values, _ = tree_flatten((args, kwargs))
-        for value in values:
-            if _foreign(value, device):
-                if (device, id(value)) not in self._copies:
-                    self._copies[device, id(value)] = value.to(device)
-                handoff.append((value, self._copies[device, id(value)]))
-        self._begin(device, handoff)
-        return self._staged(args, kwargs)
-
-    def _staged(self, args, kwargs):
-        """The module's inputs with each tensor from another device replaced by its copy on this segment's
-        device. The model hands the same tensors (rotary tables, positions) to every layer, so later layers get
-        the copies staged earlier in the step; a tensor not staged yet (Gemma 3's second rotary table, first read
-        by its first global layer) ends the segment: a new one begins on the same device with it handed over."""
-        device = self.device
-        values, spec = tree_flatten((args, kwargs))
-        if any(_foreign(value, device) and (device, id(value)) not in self._copies for value in values):
-            return self._switch(device, args, kwargs)
-        staged = [self._copies[device, id(value)] if _foreign(value, device) else value for value in values]
-        return tree_unflatten(staged, spec)
-
-    @contextlib.contextmanager
-    def switching(self):
-        """Inside the block, each placed module switches the capture to its device when its inputs arrive."""
-        previous = [vars(module).get("forward", _UNSET) for module, _ in self.placement]
-        for module, device in self.placement:
-            module.forward = self._on_device(module.forward, device)
-        try:
-            yield
-        finally:
-            for (module, _), held in zip(self.placement, previous):
-                if held is _UNSET:
-                    del module.forward
-                else:
-                    module.forward = held
-
-    def _on_device(self, forward, device: torch.device):
-        def forward_on_device(*args, **kwargs):
-            if device != self.device:
-                args, kwargs = self._switch(device, args, kwargs)
-            else:
-                args, kwargs = self._staged(args, kwargs)
-            return forward(*args, **kwargs)
-
-        return forward_on_device
-
-
-def _foreign(value, device: torch.device) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_cuda and value.device != device
-
-
-class _NotCapturable(Exception):
-    """This model's decode step cannot be captured in segments (it runs eagerly instead)."""
 
 
 _REFRESH_EVERY = 64  # replays between the host's reads of the counters while some ring is not yet full
@@ -436,20 +276,20 @@ class _DecodeGraph:
             with swapped:
                 with ledger.discarding():
                     for d in devices:
-                        _side_stream(d).wait_stream(torch.cuda.current_stream(d))
+                        side_stream(d).wait_stream(torch.cuda.current_stream(d))
                     try:
                         with contextlib.ExitStack() as side_streams:
                             for d in devices:
-                                side_streams.enter_context(torch.cuda.stream(_side_stream(d)))
-                            warm_up = _SegmentedCapture(ledger, device, placement, capture=False)
+                                side_streams.enter_context(torch.cuda.stream(side_stream(d)))
+                            warm_up = SegmentedCapture(ledger, device, placement, capture=False)
                             with warm_up.switching():
                                 step()
                             warm_up.finish()
                     finally:  # also when it raised: later eager steps must not overtake its writes
                         for d in devices:
-                            torch.cuda.current_stream(d).wait_stream(_side_stream(d))
+                            torch.cuda.current_stream(d).wait_stream(side_stream(d))
                 with ledger.discarding():
-                    capture = _SegmentedCapture(ledger, device, placement)
+                    capture = SegmentedCapture(ledger, device, placement)
                     try:
                         with capture.switching():
                             logits = step().logits
