@@ -1,7 +1,8 @@
-"""Tensor parallelism (``tp_plan="auto"`` under torchrun, two GPUs): the rolling cache holds each GPU's half of
-the key/value heads and gives one GPU's tokens and logits in fp32, eagerly and with CUDA graphs (the all-reduces
-captured with the step). Skipped with fewer than two GPUs."""
+"""Tensor parallelism (Transformers' ``tp_plan="auto"`` under torchrun, two processes): the rolling cache holds each
+process's half of the key/value heads and gives one process's tokens and logits in fp32. On CPU (gloo, everywhere)
+eagerly; on two GPUs (NCCL) eagerly and with CUDA graphs, compiled or not (the all-reduces captured with the step)."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -13,40 +14,51 @@ import torch
 from hf_rolling_cache import RollingSlidingWindowCache
 from tests.conftest import model_pair, ragged_batch, tiny_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")]
-
 WINDOW = 8
+TWO_GPUS = torch.cuda.device_count() >= 2
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny Mistral (8 heads, 2 kv heads: one per GPU) saved as users load one, with the batch to generate from,
-    and one GPU's answer."""
+    """A tiny Mistral (8 heads, 2 kv heads: one per process) saved as users load one, with the batch to generate
+    from."""
     folder = tmp_path_factory.mktemp("tp")
     _, model = model_pair(tiny_config(WINDOW, layers=4, heads=8, kv_heads=2, head_dim=64))
     model.config.bos_token_id = model.config.eos_token_id = None
     model.save_pretrained(folder)
     input_ids, attention_mask = ragged_batch([37, 2, 19, 64], seed=3)
     torch.save(dict(input_ids=input_ids, attention_mask=attention_mask), folder / "batch.pt")
-    model = model.cuda()
-    expected = model.generate(input_ids=input_ids.cuda(), attention_mask=attention_mask.cuda(), max_new_tokens=24,
-                              do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-                              past_key_values=RollingSlidingWindowCache(config=model.config),
-                              prefill_chunk_size=WINDOW)
-    return folder, expected
+    return folder, model, input_ids, attention_mask
 
 
-@pytest.mark.parametrize("path", ["eager", "graphs", "compiled"])
-def test_tensor_parallel_is_one_gpus_answer(checkpoint, path, tmp_path):
-    folder, expected = checkpoint
+def one_process(model, input_ids, attention_mask, device):
+    model = copy.deepcopy(model).to(device)
+    return model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=24,
+                          do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                          past_key_values=RollingSlidingWindowCache(config=model.config), prefill_chunk_size=WINDOW)
+
+
+@pytest.mark.parametrize("device,path", [
+    ("cpu", "eager"),
+    pytest.param("cuda", "eager", marks=pytest.mark.gpu),
+    pytest.param("cuda", "graphs", marks=pytest.mark.gpu),
+    pytest.param("cuda", "compiled", marks=pytest.mark.gpu),
+])
+def test_tensor_parallel_is_one_process_answer(checkpoint, device, path, tmp_path):
+    if device == "cuda" and not TWO_GPUS:
+        pytest.skip("needs two GPUs")
+    folder, model, input_ids, attention_mask = checkpoint
+    expected = one_process(model, input_ids, attention_mask, device)
     out = tmp_path / "got.pt"
     worker = Path(__file__).with_name("tp_worker.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # Transformers then runs tensor parallelism over gloo on the CPU
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
                           str(folder), path, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
     got = torch.load(out)
-    assert got["kv_heads"] == 1  # each GPU holds half of the key/value heads
+    assert got["kv_heads"] == 1  # each process holds half of the key/value heads
     assert got["replayed"] == (path != "eager")
     assert torch.equal(got["sequences"], expected.sequences.cpu())
     for ours, theirs in zip(got["scores"], expected.scores):

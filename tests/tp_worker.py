@@ -1,6 +1,7 @@
-"""Started by tests/test_tensor_parallel.py under ``torchrun --nproc_per_node 2``: loads a checkpoint with
-Transformers' tensor parallelism (``DistributedConfig(tp_plan="auto")``, each GPU holding half of every layer's
-heads and MLP), generates with the rolling cache, and rank 0 saves the tokens and scores.
+"""Started by tests/test_tensor_parallel.py under ``torchrun --nproc_per_node 2`` (two GPUs, or the CPU over gloo):
+loads a checkpoint with Transformers' tensor parallelism (``DistributedConfig(tp_plan="auto")``, each process
+holding half of every layer's heads and MLP), generates with the rolling cache, and rank 0 saves the tokens and
+scores.
 
     torchrun --nproc_per_node 2 tests/tp_worker.py CHECKPOINT eager|graphs|compiled OUT.pt
 """
