@@ -54,8 +54,9 @@ def test_tensor_parallel_is_one_process_answer(checkpoint, device, path, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent.parent), os.environ.get("PYTHONPATH", "")])}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # Transformers then runs tensor parallelism over gloo on the CPU
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
-                          str(folder), path, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(folder), path, str(out)]  # --standalone: a free port of its own
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
     got = torch.load(out)
     assert got["kv_heads"] == 1  # each process holds half of the key/value heads
