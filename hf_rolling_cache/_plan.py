@@ -302,6 +302,7 @@ class DeviceDecodePlan:
     seen: torch.Tensor  # [B] int64: real tokens per sequence before this step (the cache's own buffer)
     real: torch.Tensor  # [B] int64: 1 where the sequence has a token in this step
     full: bool = False  # a ring (no slack) known on the host to hold a whole window in every row: no key mask
+    mirrors: dict = field(default_factory=dict, repr=False)  # {device: (seen, real)}, shared by the step's plans
     phase = Phase.DECODE
     q_length = 1
     _per_device: dict = field(default_factory=dict, repr=False)
@@ -313,8 +314,6 @@ class DeviceDecodePlan:
     @property
     def key_span(self) -> int:
         return self.capacity
-
-    mirrors: dict = field(default_factory=dict, repr=False)  # {device: (seen, real)} staged by the step's ledger
 
     def counters_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``seen`` and ``real`` on ``device``: the step's own, a copy its ledger staged there (a graph segment
