@@ -32,6 +32,7 @@ from transformers.distributed import DistributedConfig
 import hf_rolling_cache
 from benchmarks.gpu_bench import StepClock, build_model, run_generate
 from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache.tools.models import ragged_batch
 
 SPEED_PATHS = ["hf_dynamic_sdpa", "rolling", "rolling_graphs", "rolling_graphs_compiled"]
 RAGGED = (5000, 4097, 300)
@@ -95,17 +96,6 @@ def sync_all() -> None:
         torch.cuda.synchronize(index)
 
 
-def ragged_batch(device, vocab: int):
-    generator = torch.Generator().manual_seed(0)
-    width = max(RAGGED)
-    input_ids = torch.zeros(len(RAGGED), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(RAGGED):
-        input_ids[row, width - length:] = torch.randint(1, vocab, (length,), generator=generator)
-        attention_mask[row, width - length:] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def random_tokens(model, batch: int, length: int) -> torch.Tensor:
     """The same tokens on every rank (tensor parallel ranks must see one batch)."""
     generator = torch.Generator().manual_seed(batch * 100003 + length)
@@ -114,7 +104,7 @@ def random_tokens(model, batch: int, length: int) -> torch.Tensor:
 
 def check(model, new_tokens: int = 48) -> dict:
     """Transformers' own tokens in fp32, eagerly and under graphs."""
-    input_ids, attention_mask = ragged_batch(model.device, model.config.vocab_size)
+    input_ids, attention_mask = (t.to(model.device) for t in ragged_batch(list(RAGGED), model.config.vocab_size))
     options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                    output_scores=True, return_dict_in_generate=True)
     model.set_attn_implementation("sdpa")

@@ -11,7 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 import hf_rolling_cache  # noqa: F401  (registers "rolling_xformers")
-from hf_rolling_cache.tools.models import tiny_mistral_config
+from hf_rolling_cache.tools.models import ragged_batch, tiny_mistral_config  # noqa: F401  (ragged_batch: for the tests)
 
 
 def tiny_config(window: int, *, kv_heads: int = 2, heads: int = 4, head_dim: int = 16, layers: int = 2, vocab: int = 97):
@@ -32,18 +32,6 @@ def model_pair(config: MistralConfig, seed: int = 0) -> tuple[MistralForCausalLM
     rolling.load_state_dict(reference.state_dict())
     rolling.set_attn_implementation("rolling_xformers")
     return reference, rolling
-
-
-def ragged_batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask`` for prompts of ``lengths`` random tokens (pad id 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        input_ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
-        attention_mask[row, width - length :] = 1
-    return input_ids, attention_mask
 
 
 # The walkthrough of "KV Caching in Mistral with Transformers and xFormers": seqlens [4, 1, 3], W = 3, chunk 2.

@@ -1,7 +1,9 @@
-"""The one small random model the tools, benchmarks and tests build: a Mistral config with a sliding window."""
+"""The one small random model the tools, benchmarks and tests build (a Mistral config with a sliding window), and
+the one ragged batch of random prompts they feed such models."""
 
 from __future__ import annotations
 
+import torch
 from transformers import MistralConfig
 
 
@@ -33,3 +35,15 @@ def tiny_mistral_config(
         bos_token_id=None,
         eos_token_id=None,
     )
+
+
+def ragged_batch(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for prompts of ``lengths`` random tokens (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask
