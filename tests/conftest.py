@@ -97,3 +97,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def next_turn(sequences: torch.Tensor, attention_mask: torch.Tensor, reply: int, seed: int):
+    """A conversation's next turn: the first turn's output (``sequences``) with ``reply`` random tokens appended to
+    every row, and its mask (the first turn's, then ones): what a chat passes to generate with the same cache."""
+    tokens = torch.randint(1, 97, (sequences.shape[0], reply), generator=torch.Generator().manual_seed(seed))
+    turn = torch.cat([sequences, tokens], dim=1)
+    ones = torch.ones(sequences.shape[0], turn.shape[1] - attention_mask.shape[1], dtype=attention_mask.dtype)
+    return turn, torch.cat([attention_mask, ones], dim=1)

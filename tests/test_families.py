@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from tests.conftest import ragged_batch, word_tokenizer
+from tests.conftest import next_turn, ragged_batch, word_tokenizer
 from tests.families import FAMILIES, build
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # Transformers' layer_types
@@ -100,10 +100,7 @@ def test_hybrid_multi_turn_with_one_cache_equals_the_whole_conversation(name):
     cache = RollingSlidingWindowCache(config=model.config)
     first = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                            max_new_tokens=5, do_sample=False, pad_token_id=0)
-    reply = torch.randint(1, 97, (len(PROMPTS), 6), generator=torch.Generator().manual_seed(2))
-    turn = torch.cat([first, reply], dim=1)
-    turn_mask = torch.cat([attention_mask, torch.ones(len(PROMPTS), turn.shape[1] - attention_mask.shape[1],
-                                                      dtype=attention_mask.dtype)], dim=1)
+    turn, turn_mask = next_turn(first, attention_mask, reply=6, seed=2)
     options = dict(input_ids=turn, attention_mask=turn_mask, max_new_tokens=7, do_sample=False, pad_token_id=0,
                    output_scores=True, return_dict_in_generate=True)
     got = model.generate(**options, past_key_values=cache)

@@ -11,7 +11,7 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
-from tests.conftest import model_pair, ragged_batch, tiny_config, word_tokenizer
+from tests.conftest import model_pair, next_turn, ragged_batch, tiny_config, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [9, 2, 6]  # ragged, longer than the window
@@ -113,10 +113,7 @@ def test_multi_turn_with_the_same_cache_equals_the_whole_conversation(pair, leng
     cache = RollingSlidingWindowCache(config=rolling.config)
     first = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                              max_new_tokens=6, do_sample=False, pad_token_id=0)
-    reply = torch.randint(1, 97, (len(lengths), 5), generator=torch.Generator().manual_seed(9))
-    conversation = torch.cat([first, reply], dim=1)
-    mask = torch.cat([attention_mask, torch.ones(len(lengths), conversation.shape[1] - attention_mask.shape[1],
-                                                 dtype=torch.long)], dim=1)
+    conversation, mask = next_turn(first, attention_mask, reply=5, seed=9)
     options = dict(input_ids=conversation, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
                    output_scores=True, return_dict_in_generate=True)
     expected = reference.generate(**options)
