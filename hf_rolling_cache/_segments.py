@@ -79,9 +79,9 @@ class SegmentedCapture:
     after the work on both devices' current streams, so no segment reads a tensor before it is written.
     """
 
-    def __init__(self, ledger, device: torch.device, placement, capture: bool = True) -> None:
+    def __init__(self, ledger, device: torch.device, placed, capture: bool = True) -> None:
         self.ledger = ledger
-        self.placement = placement
+        self.placed = placed  # (module, device) for each module Accelerate placed on a device
         self.capture = capture  # False: a warm-up, which stages the same inputs (compiled code sees what it will)
         self.segments: list[Segment] = []
         self._capturing: contextlib.ExitStack | None = None
@@ -147,13 +147,13 @@ class SegmentedCapture:
     @contextlib.contextmanager
     def switching(self):
         """Inside the block, each placed module switches the capture to its device when its inputs arrive."""
-        previous = [vars(module).get("forward", _UNSET) for module, _ in self.placement]
-        for module, device in self.placement:
+        previous = [vars(module).get("forward", _UNSET) for module, _ in self.placed]
+        for module, device in self.placed:
             module.forward = self._on_device(module.forward, device)
         try:
             yield
         finally:
-            for (module, _), held in zip(self.placement, previous):
+            for (module, _), held in zip(self.placed, previous):
                 if held is _UNSET:
                     del module.forward
                 else:

@@ -62,7 +62,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
 
     @functools.wraps(eager_forward)
-    def forward(*args, **kwargs):  # noqa: D401 - Accelerate may wrap this later (its _old_forward is then this)
+    def forward(*args, **kwargs):
         nonlocal placement
         cache = kwargs.get("past_key_values")
         if placement is None and isinstance(cache, RollingSlidingWindowCache):
@@ -71,7 +71,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
 
-    forward.replays_decode_steps = True
+    forward.replays_decode_steps = True  # Accelerate dispatching the model later makes this its _old_forward
     setattr(model, _HAD_FORWARD, "forward" in vars(model))
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
@@ -187,8 +187,8 @@ def _decode_graph(
             if unhooked is not None and not getattr(unhooked, "replays_decode_steps", False):
                 step_forward = unhooked  # (dispatched after use_cuda_graphs, its hook sits outside ours already)
         try:
-            segments = placement.modules if placement.split else ()
-            graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, segments)
+            placed = placement.modules if placement.split else ()
+            graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, placed)
         except NotCapturable as reason:
             _warn_eager(str(reason))
             cache.decode_on_device = False  # plain eager steps, with every check of the host plans
@@ -244,7 +244,7 @@ class _DecodeGraph:
         input_ids: torch.Tensor,
         options: dict,
         compiled: _CompiledLayers | None = None,
-        placement=(),
+        placed: tuple[tuple[torch.nn.Module, torch.device], ...] = (),
     ):
         started = time.perf_counter()
         batch, device = input_ids.shape[0], input_ids.device
@@ -253,11 +253,11 @@ class _DecodeGraph:
         self.input_ids = input_ids.clone()
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)  # all padding: a no-op step
-        self.advance_after_replay = bool(placement)  # a split step's counters advance after its last segment
+        self.advance_after_replay = bool(placed)  # a split step's counters advance after its last segment
         self.rings_full = _rings_full(cache)  # captured without the sliding layers' key mask
         self._replays = 0
         cache.decode_on_device = True
-        devices = sorted({device, *(d for _, d in placement)}, key=str)
+        devices = sorted({device, *(d for _, d in placed)}, key=str)
 
         def step():
             return eager_forward(
@@ -281,7 +281,7 @@ class _DecodeGraph:
                         with contextlib.ExitStack() as side_streams:
                             for d in devices:
                                 side_streams.enter_context(torch.cuda.stream(side_stream(d)))
-                            warm_up = SegmentedCapture(ledger, device, placement, capture=False)
+                            warm_up = SegmentedCapture(ledger, device, placed, capture=False)
                             with warm_up.switching():
                                 step()
                             warm_up.finish()
@@ -289,7 +289,7 @@ class _DecodeGraph:
                         for d in devices:
                             torch.cuda.current_stream(d).wait_stream(side_stream(d))
                 with ledger.discarding():
-                    capture = SegmentedCapture(ledger, device, placement)
+                    capture = SegmentedCapture(ledger, device, placed)
                     try:
                         with capture.switching():
                             logits = step().logits
