@@ -239,8 +239,10 @@ class RollingSlidingWindowCache(Cache):
         caches take it (a positive "length to keep" is their legacy form, which they refuse too).
 
         Exact while every sequence still holds what the window needs after the rollback: always for up to
-        ``slack`` tokens, and for any count while no sequence has wrapped its ring. Otherwise the tokens a rollback
-        would bring back into the window have been overwritten, and this raises instead.
+        ``slack + 1`` tokens, and for any count while no sequence has wrapped its ring. (The next token's window
+        needs only the ``window - 1`` tokens before it, so the slot the newest token overwrote is one nobody reads
+        again: a ring without slack rolls back one token exactly, which a stop check deferred by a step needs.)
+        Otherwise the tokens a rollback would bring back into the window have been overwritten, and this raises.
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -256,12 +258,13 @@ class RollingSlidingWindowCache(Cache):
         if count > counters.columns or any(s < count for s in seen):
             raise ValueError(f"Cannot remove {count} tokens: the sequences hold only {seen}.")
         slots = self.window + self.slack
-        if count > self.slack and any(s > slots for s in seen):
+        if count > self.slack + 1 and any(s > slots for s in seen):
             raise ValueError(
                 f"Cannot roll back {count} tokens: a sequence has gone past its ring ({max(seen)} > {slots} slots), "
-                f"which keeps {self.slack} tokens of slack beyond the window of {self.window}, so the ring has "
-                "overwritten the tokens a rollback would need. Build the cache with slack=N (N: the most tokens a "
-                "step may roll back; hf_rolling_cache.enable does this for assisted and prompt-lookup decoding)."
+                f"which keeps {self.slack} tokens of slack beyond the window of {self.window} (a rollback of up to "
+                f"{self.slack + 1} is exact), so the ring has overwritten the tokens a rollback would need. Build the "
+                "cache with slack=N (N: the most tokens a step may roll back, less one; hf_rolling_cache.enable "
+                "does this for assisted and prompt-lookup decoding)."
             )
         counters.seen = [s - count for s in seen]
         counters.columns -= count

@@ -66,7 +66,7 @@ def test_a_ring_with_slack_rolls_back_exactly_and_refuses_more():
         model(input_ids=input_ids, past_key_values=cache)
     assert cache.layers[0].slot_keys.shape[1] == WINDOW + 3 and cache.is_croppable
     with pytest.raises(ValueError, match="slack=N"):
-        cache.crop(-4)  # past its ring of 7 slots, 4 > slack
-    cache.crop(-3)
-    assert cache.seen == [9]
+        cache.crop(-5)  # past its ring of 7 slots, 5 > slack + 1
+    cache.crop(-4)
+    assert cache.seen == [8]
 

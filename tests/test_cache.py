@@ -103,8 +103,37 @@ def test_crop_within_the_window_and_refused_past_it():
         cache.crop(2)  # the legacy "length to keep", which Transformers 5 refuses too
     _, wrapped = generate(model, [3, 2], new_tokens=9)  # seen [11, 10] > window
     with pytest.raises(ValueError, match="gone past its ring"):
-        wrapped.crop(-1)
+        wrapped.crop(-2)  # a ring without slack rolls back one token exactly, not two
     assert wrapped.seen == [11, 10]  # unchanged
+
+
+@pytest.mark.parametrize("slack", [0, 2])
+@pytest.mark.parametrize("decode_drafts", [True, False])
+def test_a_wrapped_ring_rolls_back_slack_plus_one_tokens_exactly(slack, decode_drafts):
+    """The next token's window needs only the window - 1 tokens before it, so the slot a rolled-back token
+    overwrote is read by no one: after ``crop(-(slack + 1))`` a later prefill chunk and decode steps give the
+    reference's logits (the model run over the true tokens, without a cache)."""
+    window = 4
+    reference, model = model_pair(tiny_config(window))
+    tokens = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    drafts = torch.randint(1, 97, (1, slack + 1), generator=torch.Generator().manual_seed(4))
+    cache = RollingSlidingWindowCache(config=model.config, slack=slack)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).logits
+        model(input_ids=tokens[:, :11], past_key_values=cache)  # wrapped: 11 tokens > window + slack slots
+        if decode_drafts:  # one token a step, as a deferred stop check's extra step
+            for column in range(drafts.shape[1]):
+                model(input_ids=drafts[:, column : column + 1], past_key_values=cache)
+        else:  # verified all at once, as assisted decoding does
+            model(input_ids=drafts, past_key_values=cache)
+        cache.crop(-drafts.shape[1])
+        assert cache.seen == [11]
+        chunk = model(input_ids=tokens[:, 11:14], past_key_values=cache).logits  # a later prefill chunk
+        steps = [model(input_ids=tokens[:, c : c + 1], past_key_values=cache).logits for c in range(14, 20)]
+    torch.testing.assert_close(chunk, expected[:, 11:14], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 14:20], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="gone past its ring"):
+        cache.crop(-(slack + 2))
 
 
 def test_reset_forgets_everything():
