@@ -134,14 +134,14 @@ def sync(device):
 
 
 class StepClock(StoppingCriteria):
-    """Stamps the time each token comes out (after waiting for the GPU); never stops the generation."""
+    """Stamps the time generate checks each token; never stops the generation. It does not wait for the GPU (a
+    sync here would stall the loop that generate keeps a step ahead): the host runs at most one step ahead, so
+    over a hundred steps the rate is the GPU's within a percent."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 

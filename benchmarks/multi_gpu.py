@@ -182,12 +182,16 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sync-stop", action="store_true",
+                        help="generate checks for the end after every step, as before (no step-late stop check)")
     args = parser.parse_args()
+    baseline_switches(args.sync_stop)
     if args.mode == "tp":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     folder = checkpoint_folder()
     results = dict(mode=args.mode, machine=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(),
-                   torch=torch.__version__, launch_blocking=os.environ.get("CUDA_LAUNCH_BLOCKING", "0"))
+                   torch=torch.__version__, launch_blocking=os.environ.get("CUDA_LAUNCH_BLOCKING", "0"),
+                   sync_stop=args.sync_stop)
 
     if not args.skip_check:
         model = load(folder, args.mode, torch.float32)
@@ -221,6 +225,14 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def baseline_switches(sync_stop: bool) -> None:
+    """Turn off this plugin's step-late stop check, to measure what it brings."""
+    from hf_rolling_cache import _stop_check
+
+    if sync_stop:
+        _stop_check.DeferredForReplays.is_supported = staticmethod(_stop_check._TRANSFORMERS_CHECK.is_supported)
 
 
 def save(results: dict, path: str | None) -> None:

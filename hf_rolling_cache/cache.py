@@ -67,6 +67,7 @@ class RollingSlidingWindowCache(Cache):
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
         self.decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
+        self.replays_decode_steps = False  # a use_cuda_graphs model ran on it: generate may defer its stop check
         self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         counters = self.ledger.counters
         super().__init__(

@@ -19,7 +19,11 @@ model and batch size, in the first decode step's warm-up; prefill always runs th
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
 layers are not compiled. Under tensor parallelism (``tp_plan``, one process per GPU) each process captures its
-own step, the all-reduces included.
+own step, the all-reduces included (so drop the caches before ``destroy_process_group``: destroying a communicator
+that a live graph uses waits forever).
+
+A cache whose steps are replayed lets generate check for the end one step late (`_stop_check`): the host queues
+the next replay while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import warnings
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import _stop_check
 from ._layers import write_tokens
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
@@ -58,6 +63,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
         release_cuda_graphs(model)  # switch: caches re-capture their graph on their next decode step
     eager_forward = model.forward
     compiled = _CompiledLayers(model) if compile else None
+    _stop_check.install()
 
     placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
 
@@ -65,8 +71,10 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     def forward(*args, **kwargs):
         nonlocal placement
         cache = kwargs.get("past_key_values")
-        if placement is None and isinstance(cache, RollingSlidingWindowCache):
-            placement = placement_of(model)
+        if isinstance(cache, RollingSlidingWindowCache):
+            cache.replays_decode_steps = True  # generate then checks for the end one step late (_stop_check)
+            if placement is None:
+                placement = placement_of(model)
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)

@@ -149,3 +149,40 @@ def test_graphs_in_bf16_agree_with_fp32_like_sdpa(compiled):
               for name, logits in (("graph", graph_logits), ("eager", eager_logits), ("sdpa", sdpa_logits))}
     print(f"scale={scale:.3f} " + " ".join(f"{k}={v:.4f}" for k, v in errors.items()))
     assert errors["graph"] <= 2 * errors["sdpa"] + 2e-3 * scale
+
+
+def test_graphs_stop_one_step_late_and_give_back_the_plain_loops_output(monkeypatch):
+    """With decode steps replayed, generate reads its stop flag a step late (`_stop_check`): rows end at an end
+    token, the one extra step is undone, and tokens, scores and the cache (its next turn) are the eager loop's."""
+    from hf_rolling_cache import _stop_check, release_cuda_graphs, use_cuda_graphs
+
+    model = gpu_model(torch.float32)
+    model.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, pad_token_id=0,
+                   output_scores=True, return_dict_in_generate=True)
+    free = model.generate(**options, max_new_tokens=2 * WINDOW, past_key_values=rolling_cache(model))
+    # every row ends at a token it generates within 2 windows (if not at another row's first)
+    options.update(eos_token_id=[int(row[-1]) for row in free.sequences], max_new_tokens=4 * WINDOW)
+    eager_cache = rolling_cache(model)
+    eager = model.generate(**options, past_key_values=eager_cache)
+    undone = []
+    finish = _stop_check.DeferredForReplays.finish
+    monkeypatch.setattr(_stop_check.DeferredForReplays, "finish", lambda self: undone.append(finish(self)) or undone[-1])
+    use_cuda_graphs(model)
+    try:
+        graph_cache = rolling_cache(model)
+        graphed = model.generate(**options, past_key_values=graph_cache)
+        assert graph_cache.decode_graph is not None, "no decode step was replayed"
+        assert undone == [1], "generate should have run one step past the end and undone it"
+        assert torch.equal(graphed.sequences, eager.sequences)
+        for ours, theirs in zip(graphed.scores, eager.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+        assert graph_cache.seen == eager_cache.seen
+        turn = torch.cat([graphed.sequences, torch.randint(1, 1000, (len(LENGTHS), 5), device="cuda")], dim=1)
+        mask = torch.cat([attention_mask, torch.ones_like(turn[:, attention_mask.shape[1]:])], dim=1)
+        follow = dict(input_ids=turn, attention_mask=mask, max_new_tokens=WINDOW, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**follow, past_key_values=graph_cache),
+                           model.generate(**follow, past_key_values=eager_cache))
+    finally:
+        release_cuda_graphs(model)

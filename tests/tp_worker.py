@@ -6,6 +6,7 @@ scores.
     torchrun --nproc_per_node 2 tests/tp_worker.py CHECKPOINT eager|graphs|compiled OUT.pt
 """
 
+import gc
 import sys
 
 import torch
@@ -33,6 +34,11 @@ def main(checkpoint: str, path: str, out: str) -> None:
         torch.save(dict(sequences=got.sequences.cpu(), scores=[s.cpu() for s in got.scores], replayed=replayed,
                         kv_heads=cache.layers[0].keys.shape[1]), out)
     dist.barrier()
+    # A captured step holds NCCL's all-reduces: drop the graph before the communicator, or destroying it waits
+    del got, cache
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     dist.destroy_process_group()
 
 
