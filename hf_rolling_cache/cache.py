@@ -9,6 +9,8 @@ values for that attention function.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
@@ -110,6 +112,7 @@ class RollingSlidingWindowCache(Cache):
 
         Returns the same `StagedKV` twice (as the key and the value argument of the attention function).
         """
+        layer_idx = operator.index(layer_idx)  # a 0-d tensor while compiled layers are swapped in (graphs.py)
         # A config that names its attention (the model's own) is checked here, before anything is allocated; one
         # that does not (a copy loaded from the checkpoint) is checked by the staged keys, which refuse to be read
         # by any attention function but ours.

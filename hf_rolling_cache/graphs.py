@@ -11,8 +11,8 @@ Only decode-shaped calls (one column, a rolling cache with history, on CUDA) are
 the model as before. Padding in a decode step is handled in the graph (a padded row writes nothing).
 
 With ``compile=True`` the captured step runs each decoder layer through ``torch.compile`` (regional compilation:
-one compiled code per layer class, re-specialized per ``layer_idx``), so Transformers' RMSNorms, rotary, SiLU and
-residual adds become a few fused kernels. The cache's ``update`` and the attention function stay eager (they are
+one compiled code per layer class and kind, shared by its layers, as ``layer_idx`` is a tensor while swapped in),
+so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels. The cache's ``update`` and the attention function stay eager (they are
 ``torch.compiler.disable``d, so each is a graph break) and are captured as they are. Compilation happens once per
 model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
 
@@ -129,16 +129,25 @@ class _CompiledLayers:
         self.modules = modules
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False) for m in modules]
         self._write_tokens = torch.compile(write_tokens, backend=backend, dynamic=False)
+        # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
+        # specializes an int attribute of a module: one recompile per layer, most of a 7B model's warm-up. As a
+        # 0-d tensor it is a graph input instead, so every layer of a kind shares one compiled code (the cache's
+        # update turns it back into an int, eagerly).
+        self._layer_indices = [
+            (sub, torch.tensor(sub.layer_idx))
+            for m in modules for sub in m.modules() if type(getattr(sub, "layer_idx", None)) is int
+        ]
 
     @contextlib.contextmanager
     def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
         """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
-        # One compiled code serves every layer, specialized per layer_idx (a graph-break argument), and again
-        # per batch size: let it hold that many entries instead of falling back to eager after the default 8.
+        # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
+        # let it hold many entries instead of falling back to eager after the default 8.
         limit = 8 * len(self.modules)
         rings = list(cache.layers) if cache is not None else []
         swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
         swaps += [(ring, "decode_writer", self._write_tokens) for ring in rings]
+        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
         # What the instances held before (an Accelerate hook may have set its own forward): put back after.
         previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
         with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit)):

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
 from hf_rolling_cache.graphs import _CompiledLayers
 from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.families import FAMILIES, build
 
 WINDOW = 4
 
@@ -67,6 +69,39 @@ def test_compiled_layers_match_eager_and_break_at_the_cache_and_attention():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_one_compiled_code_serves_every_layer():
+    """``layer_idx`` is a tensor while the compiled layers are swapped in, so dynamo does not specialize on it: a
+    deeper model compiles no more graphs (before, one recompile per layer made most of a 7B model's warm-up)."""
+    graphs = {}
+    for layers in (2, 6):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        _, model = model_pair(tiny_config(WINDOW, layers=layers))
+        input_ids, attention_mask = ragged_batch([7, 2, 5])
+        eager, _, _ = decode_logits(model, input_ids, attention_mask, 3)
+        got, _, _ = decode_logits(model, input_ids, attention_mask, 3, _CompiledLayers(model, backend="aot_eager"))
+        torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+        graphs[layers] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert not torch._dynamo.utils.counters["recompiles"], dict(torch._dynamo.utils.counters["recompiles"])
+    assert graphs[6] == graphs[2], graphs
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_compiled_layers_of_every_family_match_eager(name):
+    """Each family's decoder layers compiled (sliding and global kinds, softcaps, sinks, per-layer extras) with
+    the tensor ``layer_idx``: the eager rolling path's logits."""
+    model = build(name, WINDOW, seed=1)
+    hf_rolling_cache.enable(model)
+    try:
+        compiled = _CompiledLayers(model, backend="aot_eager")
+    except ValueError:
+        pytest.skip("no model.get_decoder().layers: compile=True refuses it")
+    input_ids, attention_mask = ragged_batch([9, 2, 6], seed=3)
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2 * WINDOW)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2 * WINDOW, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
 def test_compiled_layers_are_installed_only_while_swapped_in():
     _, model = model_pair(tiny_config(WINDOW, layers=2))
     cache = RollingSlidingWindowCache(config=model.config)
@@ -75,7 +110,10 @@ def test_compiled_layers_are_installed_only_while_swapped_in():
     with compiled.swapped_in(cache):
         assert all("forward" in vars(module) for module in compiled.modules)
         assert all("decode_writer" in vars(layer) for layer in cache.layers)
+        assert [layer.self_attn.layer_idx.item() for layer in model.model.layers] == [0, 1]  # tensors meanwhile
     assert not any("forward" in vars(module) for module in compiled.modules)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert all(type(layer.self_attn.layer_idx) is int for layer in model.model.layers)
     assert not any("decode_writer" in vars(layer) for layer in cache.layers)
     with pytest.raises(RuntimeError, match="boom"), compiled.swapped_in(cache):
         raise RuntimeError("boom")
