@@ -1,7 +1,8 @@
 """The ring formula: the token at position ``p`` of a sequence lives in slot ``p % slots``.
 
 A ring has ``slots = window`` (the seed layout), or a few more (``window + slack``) when a generation may roll back
-up to ``slack`` tokens (assisted decoding): the extra slots keep the tokens a rollback brings back into the window.
+up to ``slack + 1`` tokens (assisted decoding): the extra slots keep the tokens a rollback brings back into the
+window (the next token's window needs only ``window - 1`` tokens before it, hence the one more).
 A global (full-attention) layer is the same formula with no modulus: position ``p`` in slot ``p``.
 Everything that maps positions to slots goes through these helpers, so the formula is written once. They work on
 host ints: the step plan calls them while it builds its index tensors.

@@ -7,9 +7,13 @@ later; the one extra step it may run is undone with the cache's ``crop(-1)``), a
 cache rolls one token back exactly (`RollingSlidingWindowCache.crop`), so for a cache whose decode steps are replayed
 (`use_cuda_graphs`) we turn it on for CUDA too: the host queues step n + 1 while the GPU runs step n. The tokens,
 scores and the cache that generate returns are those of the plain loop; a streamer gets each token one step later.
+When an end token stops the generation, the extra step has run: with sampling the random generator has made one
+more draw, and stateful logits processors or stopping criteria have seen one more call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers.generation import utils as generation_utils
@@ -19,18 +23,25 @@ from .cache import RollingSlidingWindowCache
 _TRANSFORMERS_CHECK = generation_utils.DeferredStopCheck
 
 
+def _never(cache: RollingSlidingWindowCache) -> bool:
+    return False
+
+
 class DeferredForReplays(_TRANSFORMERS_CHECK):
     """Transformers' `DeferredStopCheck`, also on CUDA for a rolling cache whose decode steps are CUDA graphs."""
 
+    replays_steps: Callable[[RollingSlidingWindowCache], bool] = staticmethod(_never)  # set by `install`
+
     @staticmethod
     def is_supported(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
-        if isinstance(cache, RollingSlidingWindowCache) and cache.replays_decode_steps and not is_assistant:
-            return device.type == "cuda" or _TRANSFORMERS_CHECK.is_supported(
-                device, cache, cache_is_returned, is_assistant
-            )
+        replayed = isinstance(cache, RollingSlidingWindowCache) and DeferredForReplays.replays_steps(cache)
+        if replayed and not is_assistant and device.type == "cuda":
+            return True
         return _TRANSFORMERS_CHECK.is_supported(device, cache, cache_is_returned, is_assistant)
 
 
-def install() -> None:
-    """Let generate's sampling loop pick `DeferredForReplays` (it looks the class up by name at each call)."""
+def install(replays_steps: Callable[[RollingSlidingWindowCache], bool]) -> None:
+    """Let generate's sampling loop pick `DeferredForReplays` (it looks the class up by name at each call), for the
+    caches ``replays_steps`` says are replayed."""
+    DeferredForReplays.replays_steps = staticmethod(replays_steps)
     generation_utils.DeferredStopCheck = DeferredForReplays

@@ -43,9 +43,9 @@ class RollingSlidingWindowCache(Cache):
         num_layers: the number of decoder layers, if no config is given (every layer slides).
         max_length: tokens per sequence the global layers hold without growing (prompt + new tokens); by default
             they start small and double when full.
-        slack: extra ring slots, so that a generation can roll back up to ``slack`` tokens exactly (assisted and
+        slack: extra ring slots, so that a generation can roll back up to ``slack + 1`` tokens exactly (assisted and
             prompt-lookup decoding verify a few draft tokens, then `crop` the rejected ones): a ring of
-            ``window + slack`` slots still holds the whole window after such a rollback. ``enable`` sets it for
+            ``window + slack`` slots still holds what the next token's window needs after such a rollback. ``enable`` sets it for
             assisted generations.
     """
 
@@ -69,7 +69,10 @@ class RollingSlidingWindowCache(Cache):
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
         self.decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
-        self.replays_decode_steps = False  # a use_cuda_graphs model ran on it: generate may defer its stop check
+        # Per row, the most tokens it has held since the last reset, as of the last crop (the counters only grow in
+        # between): a ring wrapped past it has overwritten what a rollback far below it would need (`crop`).
+        self._held_most: list[int] = []
+        self.replayed_by = None  # weakref to the use_cuda_graphs model that last ran on it (graphs.replays_steps)
         self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         counters = self.ledger.counters
         super().__init__(
@@ -208,45 +211,53 @@ class RollingSlidingWindowCache(Cache):
         super().reset()
         self.ledger.reset()
         self.decode_graph = None
+        self.replayed_by = None
+        self._held_most = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder sequences (beam search): row i becomes old row ``beam_idx[i]``."""
         self.ledger.check_usable()
         rows = beam_idx.tolist()
         super().reorder_cache(beam_idx)
-        counters = self.ledger.counters
-        if counters.seen:
-            counters.seen = [counters.seen[r] for r in rows]
+        self._reorder_rows(rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.ledger.check_usable()
         rows = indices.tolist()
         super().batch_select_indices(indices)
-        counters = self.ledger.counters
-        if counters.seen:
-            counters.seen = [counters.seen[r] for r in rows]
+        self._reorder_rows(rows)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.ledger.check_usable()
         super().batch_repeat_interleave(repeats)
+        self._reorder_rows([row for row in range(self.ledger.counters.batch_size) for _ in range(repeats)])
+
+    def _reorder_rows(self, rows: list[int]) -> None:
+        """Row i's counters (and rollback limit) become old row ``rows[i]``'s."""
         counters = self.ledger.counters
-        counters.seen = [s for s in counters.seen for _ in range(repeats)]
+        if counters.seen:
+            counters.seen = [counters.seen[r] for r in rows]
+        if self._held_most:
+            self._held_most = [self._held_most[r] for r in rows]
 
     @property
     def is_croppable(self) -> bool:
-        """Whether a rollback can be exact now: a ring with slack always holds what a rollback of up to ``slack``
-        tokens needs; one without, only while no sequence has passed its window."""
+        """Whether rollbacks of several tokens can be exact now (what assisted decoding needs): a ring with slack
+        always holds what a rollback of up to ``slack + 1`` tokens needs; one without, only while no sequence has
+        passed its window (it can always roll back one token: see `crop`)."""
         return self.slack > 0 or all(s <= self.window for s in self.ledger.counters.seen)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the newest ``-tokens_to_remove`` tokens: a negative count, and 0 is a no-op, as Transformers 5's
         caches take it (a positive "length to keep" is their legacy form, which they refuse too).
 
-        Exact while every sequence still holds what the window needs after the rollback: always for up to
-        ``slack + 1`` tokens, and for any count while no sequence has wrapped its ring. (The next token's window
-        needs only the ``window - 1`` tokens before it, so the slot the newest token overwrote is one nobody reads
-        again: a ring without slack rolls back one token exactly, which a stop check deferred by a step needs.)
-        Otherwise the tokens a rollback would bring back into the window have been overwritten, and this raises.
+        Exact while every sequence still holds what the window needs after the rollback: for any count while no
+        sequence has wrapped its ring, and otherwise down to ``slack + 1`` tokens below the most a sequence has
+        held (so rollbacks one after another count together until new tokens pass that mark). The next token's
+        window needs only the ``window - 1`` tokens before it, so the slot the newest token overwrote is one nobody
+        reads again: a ring without slack rolls back one token exactly, which a stop check deferred by a step
+        needs. Otherwise the tokens a rollback would bring back into the window have been overwritten, and this
+        raises, changing nothing.
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -262,13 +273,18 @@ class RollingSlidingWindowCache(Cache):
         if count > counters.columns or any(s < count for s in seen):
             raise ValueError(f"Cannot remove {count} tokens: the sequences hold only {seen}.")
         slots = self.window + self.slack
-        if count > self.slack + 1 and any(s > slots for s in seen):
+        held_most = list(seen)
+        if len(self._held_most) == len(seen):
+            held_most = [max(most, s) for most, s in zip(self._held_most, seen)]
+        if any(most > slots and most - (s - count) > self.slack + 1 for most, s in zip(held_most, seen)):
             raise ValueError(
-                f"Cannot roll back {count} tokens: a sequence has gone past its ring ({max(seen)} > {slots} slots), "
-                f"which keeps {self.slack} tokens of slack beyond the window of {self.window} (a rollback of up to "
-                f"{self.slack + 1} is exact), so the ring has overwritten the tokens a rollback would need. Build the "
-                "cache with slack=N (N: the most tokens a step may roll back, less one; hf_rolling_cache.enable "
-                "does this for assisted and prompt-lookup decoding)."
+                f"Cannot roll back {count} tokens: a sequence has gone past its ring ({max(held_most)} > {slots} "
+                f"slots), which keeps {self.slack} tokens of slack beyond the window of {self.window} (a ring rolls "
+                f"back exactly to {self.slack + 1} tokens below the most it has held, counting earlier rollbacks), so "
+                "the ring has overwritten the tokens a rollback would need. Build the cache with slack=N (N: the most "
+                "tokens a step may roll back, less one; hf_rolling_cache.enable does this for assisted and "
+                "prompt-lookup decoding)."
             )
+        self._held_most = held_most
         counters.seen = [s - count for s in seen]
         counters.columns -= count

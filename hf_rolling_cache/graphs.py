@@ -12,8 +12,9 @@ the model as before. Padding in a decode step is handled in the graph (a padded 
 
 With ``compile=True`` the captured step runs each decoder layer through ``torch.compile`` (regional compilation:
 one compiled code per layer class and kind, shared by its layers, as ``layer_idx`` is a tensor while swapped in),
-so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels. The cache's ``update`` and the attention function stay eager (they are
-``torch.compiler.disable``d, so each is a graph break) and are captured as they are. Compilation happens once per
+so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels. The cache's ``update`` and
+the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
+as they are. Compilation happens once per
 model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
@@ -32,6 +33,7 @@ import contextlib
 import functools
 import time
 import warnings
+import weakref
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -63,7 +65,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
         release_cuda_graphs(model)  # switch: caches re-capture their graph on their next decode step
     eager_forward = model.forward
     compiled = _CompiledLayers(model) if compile else None
-    _stop_check.install()
+    _stop_check.install(replays_steps)
 
     placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
 
@@ -72,9 +74,9 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
         nonlocal placement
         cache = kwargs.get("past_key_values")
         if isinstance(cache, RollingSlidingWindowCache):
-            cache.replays_decode_steps = True  # generate then checks for the end one step late (_stop_check)
             if placement is None:
                 placement = placement_of(model)
+            cache.replayed_by = None if placement.offloaded else weakref.ref(model)  # see replays_steps
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
@@ -84,6 +86,14 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
     model.forward = forward
+
+
+def replays_steps(cache: RollingSlidingWindowCache) -> bool:
+    """Whether ``cache``'s decode steps are replayed as graphs: the model that last ran on it still has
+    `use_cuda_graphs` on, and its step was not found uncapturable (then generate may check for the end a step
+    late, `_stop_check`)."""
+    model = cache.replayed_by() if cache.replayed_by is not None else None
+    return model is not None and hasattr(model, _ORIGINAL_FORWARD) and not isinstance(cache.decode_graph, _EagerSteps)
 
 
 @functools.cache

@@ -215,3 +215,30 @@ def test_keys_and_values_in_transformers_layout_are_views_of_the_slots():
     stored = layer.keys.clone()
     layer.offload()  # Transformers' own layer code assigns keys in its layout: stored back in ours
     assert layer.keys.device.type == "cpu" and torch.equal(layer.keys, stored) and layer.slot_keys.is_contiguous()
+
+
+@pytest.mark.parametrize("slack", [0, 1])
+def test_rollbacks_one_after_another_count_together(slack):
+    """The ring is exact to slack + 1 tokens below the most it has held: a second rollback before new tokens pass
+    that mark is refused (the first one's slots are gone), one after they pass it is exact."""
+    window = 4
+    reference, model = model_pair(tiny_config(window))
+    tokens = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    junk = torch.randint(1, 97, (1, slack + 1), generator=torch.Generator().manual_seed(6))
+    cache = RollingSlidingWindowCache(config=model.config, slack=slack)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).logits
+        model(input_ids=tokens[:, :12], past_key_values=cache)
+        model(input_ids=junk, past_key_values=cache)
+        cache.crop(-junk.shape[1])
+        with pytest.raises(ValueError, match="gone past its ring"):
+            cache.crop(-1)  # 12 + slack + 1 held at most: one more token back is past what the ring keeps
+        model(input_ids=tokens[:, 12:13], past_key_values=cache)
+        with pytest.raises(ValueError, match="gone past its ring"):
+            cache.crop(-2)  # to 11, slack + 2 below the mark 12 + slack + 1 (13 held now: alone, fine for slack 1)
+        assert cache.seen == [13]
+        model(input_ids=tokens[:, 13 : 14 + slack], past_key_values=cache)  # past the mark: 14 + slack tokens
+        model(input_ids=junk, past_key_values=cache)
+        cache.crop(-junk.shape[1])  # exact again
+        steps = [model(input_ids=tokens[:, c : c + 1], past_key_values=cache).logits for c in range(14 + slack, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 14 + slack : 24], rtol=0, atol=1e-5)

@@ -9,41 +9,45 @@ import torch
 from transformers import DynamicCache
 from transformers.generation import utils as generation_utils
 
-from hf_rolling_cache import RollingSlidingWindowCache, use_cuda_graphs
+from hf_rolling_cache import RollingSlidingWindowCache, graphs, release_cuda_graphs, use_cuda_graphs
 from hf_rolling_cache import _stop_check
 from tests.conftest import model_pair, next_turn, ragged_batch, tiny_config
 
 WINDOW = 4
 
 
-def flagged_cache(model, replays: bool) -> RollingSlidingWindowCache:
+def ran_on(model) -> RollingSlidingWindowCache:
+    """A cache after one forward of ``model`` (its prefill)."""
     cache = RollingSlidingWindowCache(config=model.config)
-    cache.replays_decode_steps = replays
+    input_ids, attention_mask = ragged_batch([5, 2])
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
     return cache
 
 
-def test_deferred_only_for_a_replayed_rolling_cache_on_cuda():
+def test_deferred_only_for_a_cache_replayed_on_cuda(monkeypatch):
+    monkeypatch.setattr(generation_utils, "DeferredStopCheck", generation_utils.DeferredStopCheck)  # put back after
     _, model = model_pair(tiny_config(WINDOW))
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     supported = _stop_check.DeferredForReplays.is_supported
-    assert supported(cuda, flagged_cache(model, True), True, False)
-    assert not supported(cuda, flagged_cache(model, True), True, True)  # an assistant's own loop
-    assert not supported(cuda, flagged_cache(model, False), True, False)  # eager steps: the host is the bottleneck
-    assert not supported(cpu, flagged_cache(model, True), True, False)  # no events on the CPU
-    assert not supported(cuda, DynamicCache(config=model.config), True, False)  # Transformers' own decision
-
-
-def test_use_cuda_graphs_installs_it_and_flags_the_caches_it_runs_on():
-    _, model = model_pair(tiny_config(WINDOW))
+    assert not supported(cuda, ran_on(model), True, False)  # eager steps: the host is the bottleneck anyway
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no CUDA here (use_cuda_graphs says so once per process)
         use_cuda_graphs(model)
     assert generation_utils.DeferredStopCheck is _stop_check.DeferredForReplays
-    input_ids, attention_mask = ragged_batch([5, 2])
-    cache = RollingSlidingWindowCache(config=model.config)
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=2,
-                   do_sample=False, pad_token_id=0)
-    assert cache.replays_decode_steps
+    replayed = ran_on(model)
+    assert supported(cuda, replayed, True, False)
+    assert not supported(cuda, replayed, True, True)  # an assistant's own loop
+    assert not supported(cpu, replayed, True, False)  # no events on the CPU
+    assert not supported(cuda, DynamicCache(config=model.config), True, False)  # Transformers' own decision
+    release_cuda_graphs(model)
+    assert not supported(cuda, replayed, True, False)  # the model that ran on it replays no more
+    use_cuda_graphs(model)
+    replayed.decode_graph = graphs._EagerSteps(model.forward)  # its step was found uncapturable
+    assert not supported(cuda, replayed, True, False)
+    replayed.reset()
+    assert not supported(cuda, replayed, True, False)
+    release_cuda_graphs(model)
 
 
 class _HostEvent:
