@@ -46,6 +46,7 @@ from .cache import RollingSlidingWindowCache
 _ORIGINAL_FORWARD = "_hf_rolling_cache_eager_forward"
 _COMPILED = "_hf_rolling_cache_compiled_layers"
 _HAD_FORWARD = "_hf_rolling_cache_instance_forward"  # the instance had its own forward (an Accelerate hook)
+_CACHES = "_hf_rolling_cache_replayed_caches"  # the caches it ran on (weakly): release frees their graphs
 
 
 def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
@@ -68,6 +69,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     _stop_check.install(replays_steps)
 
     placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
+    caches = weakref.WeakSet()
 
     @functools.wraps(eager_forward)
     def forward(*args, **kwargs):
@@ -77,6 +79,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
             if placement is None:
                 placement = placement_of(model)
             cache.replayed_by = None if placement.offloaded else weakref.ref(model)  # see replays_steps
+            caches.add(cache)
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)
@@ -85,6 +88,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     setattr(model, _HAD_FORWARD, "forward" in vars(model))
     setattr(model, _ORIGINAL_FORWARD, eager_forward)
     setattr(model, _COMPILED, compiled)
+    setattr(model, _CACHES, caches)
     model.forward = forward
 
 
@@ -106,13 +110,16 @@ def _warn_no_cuda() -> None:
 
 
 def release_cuda_graphs(model: torch.nn.Module) -> None:
-    """Undo `use_cuda_graphs`: the model runs every step eagerly again."""
+    """Undo `use_cuda_graphs`: the model runs every step eagerly again, and the caches it ran on drop their
+    captured graphs (their memory, and the communicators a tensor-parallel step's graph holds)."""
+    for cache in list(getattr(model, _CACHES, ())):
+        cache.decode_graph = None
     if hasattr(model, _ORIGINAL_FORWARD):
         if getattr(model, _HAD_FORWARD):
             model.forward = getattr(model, _ORIGINAL_FORWARD)  # the forward it had (an Accelerate hook's)
         else:
             del model.forward  # the instance attribute; the class's forward shows through again
-        for name in (_ORIGINAL_FORWARD, _COMPILED, _HAD_FORWARD):
+        for name in (_ORIGINAL_FORWARD, _COMPILED, _HAD_FORWARD, _CACHES):
             delattr(model, name)
 
 

@@ -159,9 +159,16 @@ def test_use_cuda_graphs_switches_compile_on_and_releases():
     assert model._hf_rolling_cache_compiled_layers is compiled
     use_cuda_graphs(model)  # and back
     assert model._hf_rolling_cache_compiled_layers is None
+    caches = [RollingSlidingWindowCache(config=model.config) for _ in range(2)]
+    input_ids, attention_mask = ragged_batch([5, 2])
+    with torch.no_grad():
+        for cache in caches:
+            model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+            cache.decode_graph = object()  # stands in for a captured graph (no CUDA here)
     release_cuda_graphs(model)
     assert model.forward.__func__ is class_forward
     assert not hasattr(model, "_hf_rolling_cache_compiled_layers")
+    assert all(cache.decode_graph is None for cache in caches)  # their graphs freed with the release
 
 
 def test_compile_refuses_a_model_without_decoder_layers():
