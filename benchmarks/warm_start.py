@@ -6,10 +6,11 @@ the capture) in a first process with empty PyTorch compile caches, and again in 
 
 Each process is a fresh Python (``subprocess``) sharing one folder of compile caches (``TORCHINDUCTOR_CACHE_DIR``
 and ``TRITON_CACHE_DIR``, empty before the first). On a GPU it loads the 7B checkpoint of ``benchmarks.multi_gpu``
-(written once, before the timed processes; random bf16 weights), generates 3 tokens from a 64-token prompt at each batch size with compiled graphs, and reports
-``cache.decode_graph_warmup_s`` per batch size (the first decode step's compilation and capture) and the whole
-generate call. With ``--tiny`` (no GPU) there is no capture: it times the compiled decoder layers of a small
-32-layer model through two decode steps (inductor's CPU code), which shows how the compile cost scales with depth.
+(written once, before the timed processes; random bf16 weights), generates 3 tokens from a 64-token prompt at each
+batch size with compiled graphs, and reports ``cache.decode_graph_warmup_s`` per batch size (the first decode step's
+compilation and capture) and the whole generate call. With ``--tiny`` (no GPU) there is no capture: it times the
+compiled decoder layers of a small 32-layer model through two decode steps (inductor's CPU code), which shows how
+the compile cost scales with depth.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """generate's stop check one step late, for decode steps replayed as CUDA graphs.
 
-Transformers' sampling loop asks the device after every step whether every row has finished, and that read waits
-for the step's kernels: the GPU then idles while the host prepares the next step (about 0.7 ms of a 7 ms token for a
-7B model at B=1). Transformers has the cure, `DeferredStopCheck` (the flag is copied asynchronously and read one step
-later; the one extra step it may run is undone with the cache's ``crop(-1)``), and turns it on for MPS only. A rolling
-cache rolls one token back exactly (`RollingSlidingWindowCache.crop`), so for a cache whose decode steps are replayed
-(`use_cuda_graphs`) we turn it on for CUDA too: the host queues step n + 1 while the GPU runs step n. The tokens,
-scores and the cache that generate returns are those of the plain loop; a streamer gets each token one step later.
+Transformers' sampling loop asks the device after every step whether every row has finished, and that read waits for
+the step's kernels: the GPU then idles while the host prepares the next step (waiting so costs a 7B model on an H100
+3-4% of its compiled decode rate at B=1 and B=8). Transformers has the cure, `DeferredStopCheck` (the flag is copied
+asynchronously and read one step later; the one extra step it may run is undone with the cache's ``crop(-1)``), and
+turns it on for MPS only. A rolling cache rolls one token back exactly (`RollingSlidingWindowCache.crop`), so for a
+cache whose decode steps are replayed (`use_cuda_graphs`) we turn it on for CUDA too: the host queues step n + 1
+while the GPU runs step n. The tokens, scores and the cache that generate returns are those of the plain loop; a
+streamer gets each token one step later.
 When an end token stops the generation, the extra step has run: with sampling the random generator has made one
 more draw, and stateful logits processors or stopping criteria have seen one more call.
 """

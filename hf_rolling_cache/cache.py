@@ -43,10 +43,10 @@ class RollingSlidingWindowCache(Cache):
         num_layers: the number of decoder layers, if no config is given (every layer slides).
         max_length: tokens per sequence the global layers hold without growing (prompt + new tokens); by default
             they start small and double when full.
-        slack: extra ring slots, so that a generation can roll back up to ``slack + 1`` tokens exactly (assisted and
-            prompt-lookup decoding verify a few draft tokens, then `crop` the rejected ones): a ring of
-            ``window + slack`` slots still holds what the next token's window needs after such a rollback. ``enable`` sets it for
-            assisted generations.
+        slack: extra ring slots, so that a generation can roll back up to ``slack + 1`` tokens exactly (assisted
+            and prompt-lookup decoding verify a few draft tokens, then `crop` the rejected ones): a ring of
+            ``window + slack`` slots still holds what the next token's window needs after such a rollback.
+            ``enable`` sets it for assisted generations.
     """
 
     def __init__(
@@ -273,9 +273,8 @@ class RollingSlidingWindowCache(Cache):
         if count > counters.columns or any(s < count for s in seen):
             raise ValueError(f"Cannot remove {count} tokens: the sequences hold only {seen}.")
         slots = self.window + self.slack
-        held_most = list(seen)
-        if len(self._held_most) == len(seen):
-            held_most = [max(most, s) for most, s in zip(self._held_most, seen)]
+        known = len(self._held_most) == len(seen)  # else a new batch since the last crop
+        held_most = [max(most, s) for most, s in zip(self._held_most, seen)] if known else list(seen)
         if any(most > slots and most - (s - count) > self.slack + 1 for most, s in zip(held_most, seen)):
             raise ValueError(
                 f"Cannot roll back {count} tokens: a sequence has gone past its ring ({max(held_most)} > {slots} "

@@ -14,8 +14,8 @@ With ``compile=True`` the captured step runs each decoder layer through ``torch.
 one compiled code per layer class and kind, shared by its layers, as ``layer_idx`` is a tensor while swapped in),
 so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels. The cache's ``update`` and
 the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
-as they are. Compilation happens once per
-model and batch size, in the first decode step's warm-up; prefill always runs the eager modules.
+as they are. Compilation happens once per model and batch size, in the first decode step's warm-up; prefill always
+runs the eager modules.
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's

@@ -107,17 +107,22 @@ def test_crop_within_the_window_and_refused_past_it():
     assert wrapped.seen == [11, 10]  # unchanged
 
 
+def rollback_case(slack: int, length: int):
+    """Window 4: the reference and rolling models, ``length`` true tokens, slack + 1 draft tokens to roll back,
+    and an empty cache with ``slack``."""
+    reference, model = model_pair(tiny_config(4))
+    tokens = torch.randint(1, 97, (1, length), generator=torch.Generator().manual_seed(length))
+    drafts = torch.randint(1, 97, (1, slack + 1), generator=torch.Generator().manual_seed(length + 1))
+    return reference, model, tokens, drafts, RollingSlidingWindowCache(config=model.config, slack=slack)
+
+
 @pytest.mark.parametrize("slack", [0, 2])
 @pytest.mark.parametrize("decode_drafts", [True, False])
 def test_a_wrapped_ring_rolls_back_slack_plus_one_tokens_exactly(slack, decode_drafts):
     """The next token's window needs only the window - 1 tokens before it, so the slot a rolled-back token
     overwrote is read by no one: after ``crop(-(slack + 1))`` a later prefill chunk and decode steps give the
     reference's logits (the model run over the true tokens, without a cache)."""
-    window = 4
-    reference, model = model_pair(tiny_config(window))
-    tokens = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(3))
-    drafts = torch.randint(1, 97, (1, slack + 1), generator=torch.Generator().manual_seed(4))
-    cache = RollingSlidingWindowCache(config=model.config, slack=slack)
+    reference, model, tokens, drafts, cache = rollback_case(slack, length=20)
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
         model(input_ids=tokens[:, :11], past_key_values=cache)  # wrapped: 11 tokens > window + slack slots
@@ -221,11 +226,7 @@ def test_keys_and_values_in_transformers_layout_are_views_of_the_slots():
 def test_rollbacks_one_after_another_count_together(slack):
     """The ring is exact to slack + 1 tokens below the most it has held: a second rollback before new tokens pass
     that mark is refused (the first one's slots are gone), one after they pass it is exact."""
-    window = 4
-    reference, model = model_pair(tiny_config(window))
-    tokens = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
-    junk = torch.randint(1, 97, (1, slack + 1), generator=torch.Generator().manual_seed(6))
-    cache = RollingSlidingWindowCache(config=model.config, slack=slack)
+    reference, model, tokens, junk, cache = rollback_case(slack, length=24)
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
         model(input_ids=tokens[:, :12], past_key_values=cache)
