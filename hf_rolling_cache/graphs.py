@@ -78,8 +78,12 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
         if isinstance(cache, RollingSlidingWindowCache):
             if placement is None:
                 placement = placement_of(model)
-            cache.replayed_by = None if placement.offloaded else weakref.ref(model)  # see replays_steps
-            caches.add(cache)
+            if placement.offloaded:
+                cache.replayed_by = None  # never replayed (see replays_steps)
+            elif cache not in caches or cache.replayed_by is None or cache.replayed_by() is not model:
+                # once per cache (again after a reset or another model ran on it), not at every step
+                cache.replayed_by = weakref.ref(model)
+                caches.add(cache)
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         return eager_forward(*args, **kwargs)

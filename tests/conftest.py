@@ -106,3 +106,19 @@ def next_turn(sequences: torch.Tensor, attention_mask: torch.Tensor, reply: int,
     turn = torch.cat([sequences, tokens], dim=1)
     ones = torch.ones(sequences.shape[0], turn.shape[1] - attention_mask.shape[1], dtype=attention_mask.dtype)
     return turn, torch.cat([attention_mask, ones], dim=1)
+
+
+@pytest.fixture
+def undone_steps(monkeypatch) -> list[int]:
+    """The steps generate's step-late stop check undid, one entry per generate call that used it (`_stop_check`)."""
+    from hf_rolling_cache import _stop_check
+
+    undone: list[int] = []
+    finish = _stop_check.DeferredForReplays.finish
+
+    def recorded(self) -> int:
+        undone.append(finish(self))
+        return undone[-1]
+
+    monkeypatch.setattr(_stop_check.DeferredForReplays, "finish", recorded)
+    return undone

@@ -151,10 +151,10 @@ def test_graphs_in_bf16_agree_with_fp32_like_sdpa(compiled):
     assert errors["graph"] <= 2 * errors["sdpa"] + 2e-3 * scale
 
 
-def test_graphs_stop_one_step_late_and_give_back_the_plain_loops_output(monkeypatch):
+def test_graphs_stop_one_step_late_and_give_back_the_plain_loops_output(undone_steps):
     """With decode steps replayed, generate reads its stop flag a step late (`_stop_check`): rows end at an end
     token, the one extra step is undone, and tokens, scores and the cache (its next turn) are the eager loop's."""
-    from hf_rolling_cache import _stop_check, release_cuda_graphs, use_cuda_graphs
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
 
     model = gpu_model(torch.float32)
     model.set_attn_implementation("rolling_xformers")
@@ -166,15 +166,12 @@ def test_graphs_stop_one_step_late_and_give_back_the_plain_loops_output(monkeypa
     options.update(eos_token_id=[int(row[-1]) for row in free.sequences], max_new_tokens=4 * WINDOW)
     eager_cache = rolling_cache(model)
     eager = model.generate(**options, past_key_values=eager_cache)
-    undone = []
-    finish = _stop_check.DeferredForReplays.finish
-    monkeypatch.setattr(_stop_check.DeferredForReplays, "finish", lambda self: undone.append(finish(self)) or undone[-1])
     use_cuda_graphs(model)
     try:
         graph_cache = rolling_cache(model)
         graphed = model.generate(**options, past_key_values=graph_cache)
         assert graph_cache.decode_graph is not None, "no decode step was replayed"
-        assert undone == [1], "generate should have run one step past the end and undone it"
+        assert undone_steps == [1], "generate should have run one step past the end and undone it"
         assert torch.equal(graphed.sequences, eager.sequences)
         for ours, theirs in zip(graphed.scores, eager.scores, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

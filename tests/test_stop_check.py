@@ -63,7 +63,7 @@ class _HostEvent:
         pass
 
 
-def test_one_step_late_stop_gives_the_plain_loops_tokens_scores_and_cache(monkeypatch):
+def test_one_step_late_stop_gives_the_plain_loops_tokens_scores_and_cache(monkeypatch, undone_steps):
     """The deferred check on the CPU (host events stand in for CUDA's): rows stop at an end token well past the
     window, the loop runs one step more, Transformers undoes it with crop(-1), and everything generate returns,
     the cache's next turn included, is the plain loop's (and Transformers' own tokens)."""
@@ -80,16 +80,13 @@ def test_one_step_late_stop_gives_the_plain_loops_tokens_scores_and_cache(monkey
     plain_cache = RollingSlidingWindowCache(config=model.config)
     plain = model.generate(**options, past_key_values=plain_cache)
 
-    undone = []
-    finish = _stop_check.DeferredForReplays.finish
     monkeypatch.setattr(torch, "Event", _HostEvent)
     monkeypatch.setattr(generation_utils, "DeferredStopCheck", _stop_check.DeferredForReplays)
     monkeypatch.setattr(_stop_check.DeferredForReplays, "is_supported", staticmethod(lambda *args, **kwargs: True))
-    monkeypatch.setattr(_stop_check.DeferredForReplays, "finish", lambda self: undone.append(finish(self)) or undone[-1])
     deferred_cache = RollingSlidingWindowCache(config=model.config)
     deferred = model.generate(**options, past_key_values=deferred_cache)
 
-    assert undone == [1], "the loop should have run one step past the end and undone it"
+    assert undone_steps == [1], "the loop should have run one step past the end and undone it"
     assert torch.equal(deferred.sequences, expected.sequences)
     assert torch.equal(deferred.sequences, plain.sequences)
     for ours, theirs in zip(deferred.scores, plain.scores, strict=True):
