@@ -16,6 +16,7 @@ generation, after its first decode step (a CUDA graph's capture); compilation is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -39,7 +40,7 @@ from transformers import (
 )
 
 import hf_rolling_cache
-from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache import RollingSlidingWindowCache, _all_reduce
 from hf_rolling_cache.tools.memory import cache_bytes
 from hf_rolling_cache.tools.models import tiny_mistral_config
 
@@ -57,6 +58,8 @@ PATHS = {
     "rolling": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
+    # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
+    "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
     "hf_dynamic_sdpa_chunk": ("sdpa", dynamic_cache, "window"),
     # models whose scores Transformers' sdpa cannot cap or sink (Gemma 2, GPT-OSS): its eager attention
@@ -158,17 +161,18 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     if path.startswith("rolling_graphs") and device.startswith("cuda"):
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
         hf_rolling_cache.release_cuda_graphs(model)
-        hf_rolling_cache.use_cuda_graphs(model, compile=path == "rolling_graphs_compiled")
+        hf_rolling_cache.use_cuda_graphs(model, compile=path.startswith("rolling_graphs_compiled"))
     else:
         hf_rolling_cache.release_cuda_graphs(model)
     cache = make_cache(model, input_ids.shape[1] + new_tokens)
     chunk_size = model.config.sliding_window if chunk == "window" else None
     sync(device)
     start = time.perf_counter()
-    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   prefill_chunk_size=chunk_size, pad_token_id=0,
-                   stopping_criteria=StoppingCriteriaList([clock] if clock else []))
+    with _all_reduce.nccl_only() if path.endswith("_nccl") else contextlib.nullcontext():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       prefill_chunk_size=chunk_size, pad_token_id=0,
+                       stopping_criteria=StoppingCriteriaList([clock] if clock else []))
     sync(device)
     return time.perf_counter() - start, cache
 

@@ -39,6 +39,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
+from ._all_reduce import one_shot_all_reduces
 from ._layers import write_tokens
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
@@ -311,7 +312,7 @@ class _DecodeGraph:
         ledger = cache.ledger
         ledger.defer_advance = self.advance_after_replay
         try:
-            with swapped:
+            with swapped, one_shot_all_reduces():  # tensor parallel: the step's all-reduces one-shot (_all_reduce)
                 with ledger.discarding():
                     for d in devices:
                         side_stream(d).wait_stream(torch.cuda.current_stream(d))

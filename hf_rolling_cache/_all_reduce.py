@@ -1,0 +1,167 @@
+"""A one-shot all-reduce over symmetric memory for the all-reduces a tensor-parallel decode step captures.
+
+Under Transformers' tensor parallelism (``tp_plan``) every decoder layer sums its row-parallel products across the
+GPUs twice (attention output, MLP output): 64 all-reduces of a few KB in one 7B decode step. NCCL's all-reduce
+takes ~20 us at that size, about as long as the half of a layer's weights each GPU reads. PyTorch's symmetric
+memory has a one-shot all-reduce for such small sums: each GPU copies its part into a buffer every GPU of the group
+can read over NVLink (peer-to-peer, no multicast), and sums the parts of all GPUs in rank order, so every rank gets
+the same bits. It is one kernel with a barrier on each side, and a CUDA graph captures it like any other.
+
+`one_shot_all_reduces` puts it in place of ``torch.distributed.all_reduce`` for Transformers' tensor-parallel layers
+while a decode step is warmed up and captured; an all-reduce it does not fit (another op, an async one, a dtype
+other than bf16/fp32, a group of other than 2, 4 or 8 ranks, a message over 1 MiB, or a machine where the buffers
+cannot be shared) goes to ``torch.distributed`` as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+_LARGEST = 1 << 20  # bytes: beyond this NCCL's ring is as fast, and the buffers would grow with the batch
+_WORLD_SIZES = (2, 4, 8)  # what the one-shot kernel is built for
+
+
+class _Buffers:
+    """One shared buffer per (group, device, dtype), rendezvoused once; reused by every all-reduce of a step (the
+    kernel's closing barrier keeps the next one from writing while a peer still reads)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.unavailable: str | None = None  # why this process cannot share buffers (then: NCCL throughout)
+
+    def view(self, group_name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """A view of the shared buffer shaped like ``like``, or None if there is none large enough and one cannot
+        be made now (inside a capture)."""
+        key = (group_name, like.device, like.dtype)
+        held = self._held.get(key)
+        if held is None or held.numel() < like.numel():
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            held = self._allocate(group_name, like)
+            if held is None:
+                return None
+            self._held[key] = held
+        return held[: like.numel()].view(like.shape)
+
+    def _allocate(self, group_name: str, like: torch.Tensor) -> torch.Tensor | None:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        try:
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous in older PyTorch
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    symm_mem.enable_symm_mem_for_group(group_name)
+            buffer = symm_mem.empty(like.numel(), dtype=like.dtype, device=like.device)
+            symm_mem.rendezvous(buffer, group_name)
+        except Exception as error:  # no peer access, a PyTorch without symmetric memory: NCCL as before
+            self.unavailable = f"{type(error).__name__}: {error}"
+            _warn_unavailable(self.unavailable)
+            return None
+        return buffer
+
+
+@functools.cache
+def _warn_unavailable(reason: str) -> None:
+    warnings.warn(
+        "use_cuda_graphs: tensor-parallel decode steps use NCCL's all-reduce (symmetric memory is not available "
+        f"here: {reason}).",
+        stacklevel=2,
+    )
+
+
+class _DistWithOneShot:
+    """``torch.distributed`` as Transformers' tensor-parallel module sees it, with `all_reduce` going one-shot
+    where it can."""
+
+    def __init__(self, dist, buffers: _Buffers) -> None:
+        self._dist = dist
+        self._buffers = buffers
+
+    def __getattr__(self, name: str):
+        return getattr(self._dist, name)
+
+    @torch.compiler.disable
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        dist = self._dist
+        target = self._one_shot_view(tensor, op, group, async_op)
+        if target is None:
+            return dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group, async_op=async_op)
+        shared, group_name = target
+        # One kernel: each thread copies its elements into the shared buffer, waits for the peers, and writes the
+        # sums of the same elements back, so ``tensor`` can be both the local input and the output.
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, tensor, "sum", group_name, tensor)
+        return None
+
+    def _one_shot_view(self, tensor, op, group, async_op) -> tuple[torch.Tensor, str] | None:
+        dist = self._dist
+        if self._buffers.unavailable is not None or async_op or (op is not None and op != dist.ReduceOp.SUM):
+            return None
+        if not (tensor.is_cuda and tensor.is_contiguous() and tensor.dtype in (torch.bfloat16, torch.float32)):
+            return None
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes % 16 or nbytes > _LARGEST or tensor.data_ptr() % 16:  # the kernel's 16-byte vectors
+            return None
+        group = group if group is not None else dist.group.WORLD
+        if dist.get_world_size(group) not in _WORLD_SIZES:
+            return None
+        group_name = group.group_name
+        shared = self._buffers.view(group_name, tensor)
+        return None if shared is None else (shared, group_name)
+
+
+@functools.cache
+def _dist_with_one_shot(dist) -> _DistWithOneShot:
+    """One stand-in per process: compiled layers guard on the module global they read, so every capture must see
+    the same object (a new one each time would recompile them)."""
+    proxy = _DistWithOneShot(dist, _Buffers())
+    _PROXIES.append(proxy)
+    return proxy
+
+
+def shared_buffers() -> int:
+    """How many symmetric-memory buffers this process has made (0: every all-reduce went to NCCL)."""
+    return sum(len(proxy._buffers._held) for proxy in _PROXIES)
+
+
+_PROXIES: list[_DistWithOneShot] = []
+_NCCL_ONLY = False  # set by `nccl_only`
+
+
+@contextlib.contextmanager
+def nccl_only():
+    """Inside the block, captured steps keep NCCL's all-reduce (a baseline for the benchmarks)."""
+    global _NCCL_ONLY
+    held, _NCCL_ONLY = _NCCL_ONLY, True
+    try:
+        yield
+    finally:
+        _NCCL_ONLY = held
+
+
+@contextlib.contextmanager
+def one_shot_all_reduces():
+    """Inside the block, Transformers' tensor-parallel layers all-reduce one-shot over symmetric memory (a no-op
+    outside a distributed run, or where Transformers has no tensor-parallel module)."""
+    if _NCCL_ONLY or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized() and torch.cuda.is_available()
+    ):
+        yield
+        return
+    try:
+        from transformers.distributed import tensor_parallel
+    except ImportError:  # another Transformers layout: its all-reduces stay NCCL's
+        yield
+        return
+    held = tensor_parallel.dist
+    if isinstance(held, _DistWithOneShot):  # nested: already in place
+        yield
+        return
+    tensor_parallel.dist = _dist_with_one_shot(held)
+    try:
+        yield
+    finally:
+        tensor_parallel.dist = held

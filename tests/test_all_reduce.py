@@ -1,0 +1,74 @@
+"""The one-shot all-reduce stand-in (`_all_reduce`): what it hands to torch.distributed unchanged. Its kernel runs on
+two GPUs only (tests/test_tensor_parallel.py asserts the captured steps took it and still give one GPU's answer)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from hf_rolling_cache import _all_reduce
+
+
+class RecordingDist:
+    """A stand-in for torch.distributed that records the all-reduces it is handed."""
+
+    ReduceOp = types.SimpleNamespace(SUM="sum", MAX="max")
+    group = types.SimpleNamespace(WORLD=types.SimpleNamespace(group_name="world"))
+
+    def __init__(self, world_size: int = 2) -> None:
+        self.calls: list[tuple] = []
+        self.world_size = world_size
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        self.calls.append((tensor, op, group, async_op))
+        return "handle" if async_op else None
+
+    def get_world_size(self, group=None) -> int:
+        return self.world_size
+
+    def barrier(self) -> str:
+        return "barrier"
+
+
+@pytest.mark.parametrize(
+    "tensor, options",
+    [
+        (torch.ones(8), {}),  # on the CPU
+        (torch.ones(8), {"op": "max"}),  # not a sum
+        (torch.ones(8), {"async_op": True}),  # handed back to the caller to wait on
+    ],
+    ids=["cpu", "max", "async"],
+)
+def test_what_cannot_go_one_shot_goes_to_torch_distributed_unchanged(tensor, options):
+    dist = RecordingDist()
+    proxy = _all_reduce._DistWithOneShot(dist, _all_reduce._Buffers())
+    result = proxy.all_reduce(tensor, **options)
+    assert len(dist.calls) == 1
+    handed, op, group, async_op = dist.calls[0]
+    assert handed is tensor and group is None
+    assert op == options.get("op", "sum") and async_op == options.get("async_op", False)
+    assert result == ("handle" if async_op else None)
+    assert proxy.barrier() == "barrier"  # everything else is torch.distributed's own
+
+
+def test_world_sizes_and_messages_the_kernel_is_not_built_for_stay_with_nccl():
+    """Decided before any buffer is made: a group of 3, a message over 1 MiB or not a multiple of 16 bytes."""
+    for world_size, numel in ((3, 8), (2, (1 << 20) // 4 + 4), (2, 3)):
+        dist = RecordingDist(world_size)
+        proxy = _all_reduce._DistWithOneShot(dist, _all_reduce._Buffers())
+        fake_cuda = types.SimpleNamespace(is_cuda=True, is_contiguous=lambda: True, dtype=torch.float32,
+                                          numel=lambda n=numel: n, element_size=lambda: 4, data_ptr=lambda: 0)
+        assert proxy._one_shot_view(fake_cuda, None, None, False) is None
+
+
+def test_outside_a_distributed_run_nothing_is_swapped():
+    from transformers.distributed import tensor_parallel
+
+    held = tensor_parallel.dist
+    with _all_reduce.one_shot_all_reduces():
+        assert tensor_parallel.dist is held
+    with _all_reduce.nccl_only(), _all_reduce.one_shot_all_reduces():
+        assert tensor_parallel.dist is held
+    assert not _all_reduce._NCCL_ONLY  # put back
