@@ -213,9 +213,6 @@ def _decode_graph(
     model, placement, cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
 ) -> _DecodeGraph:
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
-    if placement.split and compiled is not None:
-        _warn_uncompiled()
-        compiled = None
     graph = cache.decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
     if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
@@ -234,15 +231,6 @@ def _decode_graph(
             graph = _EagerSteps(eager_forward)
         cache.decode_graph = graph
     return graph
-
-
-@functools.cache
-def _warn_uncompiled() -> None:
-    warnings.warn(
-        "use_cuda_graphs(compile=True): a model split over devices replays its decode steps as uncompiled graph "
-        "segments, one per device (compiled layers do not capture in segments yet).",
-        stacklevel=4,
-    )
 
 
 @functools.cache

@@ -107,7 +107,7 @@ TWO_GPU_MAPS = {
 @pytest.mark.parametrize("split_map", list(TWO_GPU_MAPS))
 def test_split_over_two_gpus_under_cuda_graphs_is_one_gpus_answer(split_map, compiled):
     """use_cuda_graphs on a model split by Accelerate: one captured segment per device, the hand-offs copied
-    between replays (``compile=True`` warns and captures uncompiled segments). fp32: the eager one-GPU tokens and
+    between replays (with ``compile=True``, segments of compiled layers). fp32: the eager one-GPU tokens and
     logits, generation after generation."""
     from accelerate import dispatch_model
 
