@@ -193,7 +193,6 @@ def build_plan(
         raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds at least its window.")
     ring = capacity if window is not None else None  # the slot modulus: the ring's size, or none (a global layer)
     q_seqlens, seen = tuple(q_seqlens), tuple(seen)
-    batch = len(q_seqlens)
 
     if not any(seen):
         phase = Phase.PREFILL

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import transformers

@@ -5,7 +5,6 @@ import threading
 
 import pytest
 import torch
-from transformers import MistralForCausalLM
 
 from hf_rolling_cache import RollingSlidingWindowCache
 from tests.conftest import model_pair, ragged_batch, tiny_config

@@ -4,7 +4,6 @@ tokens, scores and cache of the plain loop."""
 import copy
 import warnings
 
-import pytest
 import torch
 from transformers import DynamicCache
 from transformers.generation import utils as generation_utils
