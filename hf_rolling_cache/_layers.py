@@ -50,6 +50,7 @@ class KVLayer(CacheLayerMixin):
 
     slot_keys: torch.Tensor | None = None  # [B, capacity, H_kv, D]
     slot_values: torch.Tensor | None = None
+    _STORAGE = ("slot_keys", "slot_values")  # every per-slot tensor: row operations and growth apply to each
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -112,7 +113,7 @@ class KVLayer(CacheLayerMixin):
         """A global layer: hold ``capacity`` slots per sequence from now on, keeping what it holds."""
         assert self.window is None and capacity >= self.capacity, "only a global layer grows"
         if self.is_initialized and capacity > self.capacity:
-            for name in ("slot_keys", "slot_values"):
+            for name in self._STORAGE:
                 old = getattr(self, name)
                 new = old.new_zeros(old.shape[0], capacity, *old.shape[2:])
                 new[:, : old.shape[1]] = old
@@ -120,6 +121,10 @@ class KVLayer(CacheLayerMixin):
         self.capacity = capacity
 
     # --- storage access, used by the attention function ------------------------------------------------------------
+    def storage(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor this layer keeps per slot (what a captured CUDA graph reads and writes)."""
+        return tuple(getattr(self, name) for name in self._STORAGE)
+
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as ``[B * capacity, H_kv, D]`` views (row b's slots start at ``b * capacity``)."""
         return self.slot_keys.flatten(0, 1), self.slot_values.flatten(0, 1)
@@ -161,7 +166,7 @@ class KVLayer(CacheLayerMixin):
     def memory_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.slot_keys, self.slot_values))
+        return sum(t.numel() * t.element_size() for t in self.storage())
 
     # --- Transformers' layer contract --------------------------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -178,26 +183,26 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.slot_keys.zero_()
-            self.slot_values.zero_()
+            for tensor in self.storage():
+                tensor.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows become ``beam_idx``'s, in place (the storage, and a graph reading it, stay valid)."""
         if self.is_initialized:
             rows = beam_idx.to(self.device)
-            self.slot_keys.copy_(self.slot_keys.index_select(0, rows))
-            self.slot_values.copy_(self.slot_values.index_select(0, rows))
+            for tensor in self.storage():
+                tensor.copy_(tensor.index_select(0, rows))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             rows = indices.to(self.device)
-            self.slot_keys = self.slot_keys.index_select(0, rows)
-            self.slot_values = self.slot_values.index_select(0, rows)
+            for name in self._STORAGE:
+                setattr(self, name, getattr(self, name).index_select(0, rows))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.slot_keys = self.slot_keys.repeat_interleave(repeats, dim=0)
-            self.slot_values = self.slot_values.repeat_interleave(repeats, dim=0)
+            for name in self._STORAGE:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces
-from ._layers import write_tokens
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -150,7 +149,8 @@ class _CompiledLayers:
             modules.append(norm)
         self.modules = modules
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False) for m in modules]
-        self._write_tokens = torch.compile(write_tokens, backend=backend, dynamic=False)
+        self._backend = backend
+        self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
         # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
         # specializes an int attribute of a module: one recompile per layer, most of a 7B model's warm-up. As a
         # 0-d tensor it is a graph input instead, so every layer of a kind shares one compiled code (the cache's
@@ -168,7 +168,7 @@ class _CompiledLayers:
         limit = 8 * len(self.modules)
         rings = list(cache.layers) if cache is not None else []
         swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
-        swaps += [(ring, "decode_writer", self._write_tokens) for ring in rings]
+        swaps += [(ring, "decode_writer", self._compiled_writer(ring)) for ring in rings]
         swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
         # What the instances held before (an Accelerate hook may have set its own forward): put back after.
         previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
@@ -183,6 +183,13 @@ class _CompiledLayers:
                         delattr(obj, name)
                     else:
                         setattr(obj, name, held)
+
+    def _compiled_writer(self, layer):
+        """The compiled copy of ``layer``'s kind of decode write (one per kind, shared by its layers)."""
+        writer = type(layer).decode_writer
+        if writer not in self._writers:
+            self._writers[writer] = torch.compile(writer, backend=self._backend, dynamic=False)
+        return self._writers[writer]
 
 
 _UNSET = object()
@@ -337,7 +344,7 @@ class _DecodeGraph:
     @staticmethod
     def _buffers(cache: RollingSlidingWindowCache) -> tuple[int, ...]:
         """Addresses the graph reads and writes: if any changes, the graph is stale."""
-        storage = [t.data_ptr() for layer in cache.layers for t in (layer.slot_keys, layer.slot_values)]
+        storage = [t.data_ptr() for layer in cache.layers for t in layer.storage()]
         return (*cache.ledger.step_buffers, *storage)
 
     def still_valid(

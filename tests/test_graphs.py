@@ -142,7 +142,8 @@ def test_compiled_ring_write_keeps_padded_rows():
     for ring, tokens in zip(expected, new):
         ring[slots[keep.view(-1)]] = tokens[keep.view(-1)]
     compiled = _CompiledLayers(model_pair(tiny_config(WINDOW, layers=1))[1], backend="aot_eager")
-    compiled._write_tokens(*rings, *new, slots, keep)
+    ring_layer = RollingSlidingWindowCache(window=WINDOW, num_layers=1).layers[0]
+    compiled._compiled_writer(ring_layer)(*rings, *new, slots, keep)
     for got, want in zip(rings, expected):
         assert torch.equal(got, want)
 
