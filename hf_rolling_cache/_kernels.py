@@ -8,6 +8,9 @@
   the decode mask's per-sequence key lengths as a key-padding mask (the same semantics as
   ``BlockDiagonalCausalWithOffsetPaddedKeysMask``; several times faster than xFormers' padded-keys call at B=1),
   on every device, so CPU tests run the very code the GPU runs.
+- Decode over an 8-bit ring (`_fp8.Fp8KVLayer`): by default the ring is dequantized and read as above (exact, every
+  device). On CUDA, where xFormers' Triton split-K kernel runs, `attend_ring_fp8` instead hands it the codes and
+  scales, which it dequantizes as it reads them (the same float16 arithmetic, so the same keys and values).
 - Score caps (``softcap``: Gemma 2) and attention sinks (``sinks``: GPT-OSS) are in neither xFormers nor SDPA:
   layers that have them attend with plain tensor products, in float32, exactly as Transformers' eager path does:
   decode over the ring, prefill sequence by sequence in blocks of queries on CUDA (no ``[T, S]`` mask of the whole
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import _masks
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -71,14 +75,40 @@ def _choose_operator(fmha, inputs):
 _xformers = _XformersForward()
 
 
+class _Fp8Decode:
+    """Whether xFormers' split-K kernel may read 8-bit rings: on, until switched off (`exact_kernels`) or until it
+    refuses an input; its refusals are remembered per dtype, head size, query group and device (asked once)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._refusals: dict[tuple, list[str]] = {}
+
+    def refusals(self, inputs) -> list[str]:
+        from xformers.ops.fmha import triton_splitk
+
+        query = inputs.query
+        key = (query.dtype, query.shape[-1], query.shape[-2], query.device)
+        if key not in self._refusals:
+            self._refusals[key] = reasons = triton_splitk.FwOp.not_supported_reasons(inputs)
+            if reasons:
+                logger.warning("xFormers' split-K kernel cannot read the fp8 ring here (%s); dequantizing instead.",
+                               "; ".join(reasons))
+        return self._refusals[key]
+
+
+_fp8_decode = _Fp8Decode()
+
+
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
-    """Use the exact dense kernel for prefill phases even on CUDA (to compare the two paths)."""
-    previous, _xformers.enabled = _xformers.enabled, False
+    """Use the exact dense kernel for prefill phases even on CUDA, and dequantize 8-bit rings for decode (to
+    compare the paths)."""
+    previous = _xformers.enabled, _fp8_decode.enabled
+    _xformers.enabled = _fp8_decode.enabled = False
     try:
         yield
     finally:
-        _xformers.enabled = previous
+        _xformers.enabled, _fp8_decode.enabled = previous
 
 
 def attend_packed(
@@ -224,3 +254,56 @@ def _ring_products(query, ring_keys, ring_values, key_mask, scaling, softcap, si
         scores = scores + bias.float().view(batch, 1, 1, 1, -1)
     out = torch.einsum("bhgqs,bshd->bqhgd", _probabilities(scores, sinks), ring_values.float())
     return out.reshape(batch, 1, query_heads, ring_values.shape[-1]).to(query.dtype)
+
+
+def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:
+    """Whether a decode step may read an 8-bit ring with xFormers' split-K kernel: on CUDA with Triton, for a step
+    planned on the host (its mask needs the seqlens as Python ints: not under CUDA graphs), over a prefix of each
+    row's slots (a ring without slack, or a global layer). Score caps and sinks are the caller's to exclude."""
+    if not (query.is_cuda and _fp8_decode.enabled and isinstance(plan, StepPlan)):
+        return False
+    if plan.window is not None and plan.capacity != plan.window:
+        return False
+    import xformers
+
+    return xformers._is_triton_available()
+
+
+def attend_ring_fp8(
+    query: torch.Tensor, storage: tuple[torch.Tensor, ...], plan: StepPlan, scaling: float
+) -> torch.Tensor | None:
+    """Decode attention read straight from an 8-bit ring by xFormers' split-K kernel: ``query [B, H_q, 1, D]``,
+    ``storage`` as `Fp8KVLayer.attended_fp8` gives it (int32 codes ``[B, C, H_kv, D // 4]`` and scale-shifts
+    ``[B, C, H_kv]``, keys then values). Returns ``[B, 1, H_q, D]``, or ``None`` where the kernel refuses the
+    inputs (then the caller dequantizes).
+
+    Grouped query heads read their kv head through a stride-0 expansion (no copy), and the mask is the decode
+    mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid.
+    """
+    from xformers.ops.fmha import triton_splitk
+
+    key_codes, key_scales, value_codes, value_scales = storage
+    batch, slots, kv_heads, _ = key_codes.shape
+    query_heads, head_dim = query.shape[1], query.shape[-1]
+    group = query_heads // kv_heads
+
+    def per_group(packed: torch.Tensor) -> torch.Tensor:  # [B, C, H_kv, *X] -> [1, B * C, H_kv, G, *X], a view
+        grouped = packed.reshape(1, batch * slots, kv_heads, 1, *packed.shape[3:])
+        return grouped.expand(1, batch * slots, kv_heads, group, *packed.shape[3:])
+
+    mask = plan.mask(query.device) if slots == plan.key_span else _masks.decode_mask(
+        plan.kv_seqlens, slots, device=query.device)
+    inputs = triton_splitk.InputsFp8(
+        query=query.transpose(1, 2).reshape(1, batch, kv_heads, group, head_dim),  # [1, B * 1, G, H, K]
+        key=per_group(key_codes),
+        value=per_group(value_codes),
+        attn_bias=mask,
+        p=0.0,
+        scale=scaling,
+        k_fp8_scale_shift=per_group(key_scales),
+        v_fp8_scale_shift=per_group(value_scales),
+    )
+    if _fp8_decode.refusals(inputs):
+        return None
+    out, _ = triton_splitk.FwOp.apply(inputs, needs_gradient=False)
+    return out.reshape(batch, 1, query_heads, value_codes.shape[-1] * 4)

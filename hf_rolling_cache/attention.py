@@ -15,7 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
-from ._kernels import attend_packed, attend_ring
+from ._fp8 import Fp8KVLayer
+from ._kernels import attend_packed, attend_ring, attend_ring_fp8, fp8_kernel_applies
 from ._layers import StagedKV
 from ._plan import DeviceDecodePlan, Phase, StepPlan, build_plan, query_layout
 from ._step import clock
@@ -215,9 +216,7 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
     if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over its filled slots
         slots, keep = plan.decode_slots(query.device)
         layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
-        keys, values = layer.attended(plan.key_span)
-        key_mask = plan.key_bias(query.device, query.dtype)
-        out = attend_ring(query, keys, values, key_mask, scaling, extras.softcap, extras.sinks)
+        out = _attend_decode(query, layer, plan, scaling, extras)
         cache.ledger.layer_written(plan, layer_idx)
         return out, None
 
@@ -238,6 +237,19 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
         layer.write(packed_keys, packed_values, indices)
         cache.ledger.layer_written(plan, layer_idx)
     return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
+
+
+def _attend_decode(query, layer, plan, scaling, extras) -> torch.Tensor:
+    """One query per sequence over its layer's filled slots: an 8-bit ring read by xFormers' split-K kernel where
+    it runs (CUDA, no score cap or sinks), else the slots as the model's dtype (an 8-bit ring dequantized)."""
+    if isinstance(layer, Fp8KVLayer) and extras.softcap is None and extras.sinks is None:
+        if fp8_kernel_applies(query, plan):
+            out = attend_ring_fp8(query, layer.attended_fp8(), plan, scaling)
+            if out is not None:
+                return out
+    keys, values = layer.attended(plan.key_span)
+    key_mask = plan.key_bias(query.device, query.dtype)
+    return attend_ring(query, keys, values, key_mask, scaling, extras.softcap, extras.sinks)
 
 
 def _pack(states: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:

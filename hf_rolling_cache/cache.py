@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 
+from ._fp8 import Fp8KVLayer, check_kv_dtype
 from ._layers import KVLayer, StagedKV
 from ._plan import DeviceDecodePlan, StepPlan
 from ._ring import slot_positions
@@ -47,6 +48,10 @@ class RollingSlidingWindowCache(Cache):
             and prompt-lookup decoding verify a few draft tokens, then `crop` the rejected ones): a ring of
             ``window + slack`` slots still holds what the next token's window needs after such a rollback.
             ``enable`` sets it for assisted generations.
+        kv_dtype: how keys and values are stored: ``None`` (the default) in the model's dtype;
+            ``torch.float8_e4m3fn`` as an 8-bit ring (every layer, global ones too): e4m3 codes with one float16
+            scale per token and kv head, (D + 4) / (2 D) of a bf16 ring's bytes, read back in the model's dtype
+            (`_fp8.Fp8KVLayer`). Head dimensions must be divisible by 4.
     """
 
     def __init__(
@@ -57,14 +62,17 @@ class RollingSlidingWindowCache(Cache):
         num_layers: int | None = None,
         max_length: int | None = None,
         slack: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         windows = self._windows(config, window, num_layers)
+        check_kv_dtype(kv_dtype)
         if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
         if not isinstance(slack, int) or isinstance(slack, bool) or slack < 0:
             raise ValueError(f"slack must be a non-negative int, got {slack!r}.")
         self.window = next(w for w in windows if w is not None)
         self.slack = slack
+        self.kv_dtype = kv_dtype
         self.config = config
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
@@ -75,8 +83,9 @@ class RollingSlidingWindowCache(Cache):
         self.replayed_by = None  # weakref to the use_cuda_graphs model that last ran on it (graphs.replays_steps)
         self.decode_graph_warmup_s: float | None = None  # seconds the last decode graph took to warm up and capture
         counters = self.ledger.counters
+        kind = KVLayer if kv_dtype is None else Fp8KVLayer
         super().__init__(
-            layers=[KVLayer(w, counters, w + slack if w is not None else self._global_capacity) for w in windows]
+            layers=[kind(w, counters, w + slack if w is not None else self._global_capacity) for w in windows]
         )
 
     @staticmethod
@@ -103,9 +112,10 @@ class RollingSlidingWindowCache(Cache):
 
     def __repr__(self) -> str:
         kinds = f"{sum(layer.is_sliding for layer in self.layers)} sliding + {len(self.global_layers)} global"
+        stored = "" if self.kv_dtype is None else f", kv_dtype={self.kv_dtype}"
         return (
             f"{type(self).__name__}(window={self.window}, layers={len(self.layers)} ({kinds}), "
-            f"batch={self.ledger.counters.batch_size or None}, seen={self.ledger.counters.seen})"
+            f"batch={self.ledger.counters.batch_size or None}, seen={self.ledger.counters.seen}{stored})"
         )
 
     # --- what the model calls --------------------------------------------------------------------------------------

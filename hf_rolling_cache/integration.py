@@ -7,8 +7,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel
 
+from ._fp8 import check_kv_dtype
 from ._support import check_model, layer_windows
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
 
@@ -22,9 +24,16 @@ class _Saved:
     sliding_window: int | None
     instance_generate: object | None  # a generate the instance already had (a wrapper of Accelerate's or a user's)
     prefill_chunk_size: int
+    kv_dtype: torch.dtype | None  # how the caches enable makes store keys and values
 
 
-def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_size: int | None = None) -> None:
+def enable(
+    model: PreTrainedModel,
+    *,
+    window: int | None = None,
+    prefill_chunk_size: int | None = None,
+    kv_dtype: torch.dtype | None = None,
+) -> None:
     """Use the rolling cache in every ``model.generate`` call (pipelines and Accelerate scripts included).
 
     Args:
@@ -32,6 +41,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
             attends over W tokens in every path, the rolling one as Transformers' own (`disable` restores it).
             By default the config's window is used; a config without one needs ``window``.
         prefill_chunk_size: prompt tokens per prefill forward; by default the window, as in "KV Caching in Mistral with Transformers and xFormers".
+        kv_dtype: the caches' storage: ``None`` (the model's dtype) or ``torch.float8_e4m3fn`` (an 8-bit ring; see
+            `RollingSlidingWindowCache`). A cache passed as ``past_key_values`` keeps its own.
 
     Each call gets a fresh `RollingSlidingWindowCache` unless one is passed as ``past_key_values`` (to continue a
     conversation). Assisted and prompt-lookup decoding roll back the draft tokens they reject: their cache keeps
@@ -44,9 +55,10 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
     windows = layer_windows(config, window)  # refuses, before anything changes, what we would answer differently
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0):
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}.")
+    check_kv_dtype(kv_dtype)
     chunk = prefill_chunk_size or max(w for w in windows if w is not None)
     saved = _Saved(config._attn_implementation, getattr(config, "sliding_window", None), vars(model).get("generate"),
-                   chunk)
+                   chunk, kv_dtype)
     if window is not None:
         config.sliding_window = window
     model.set_attn_implementation(ATTENTION_NAME)
@@ -61,7 +73,8 @@ def enable(model: PreTrainedModel, *, window: int | None = None, prefill_chunk_s
         if kwargs.get("past_key_values") is None:
             max_length = _max_length(model, args, kwargs)  # global layers sized once, not grown
             kwargs["past_key_values"] = RollingSlidingWindowCache(
-                config=model.config, max_length=max_length, slack=_rollback_slack(model, kwargs)
+                config=model.config, max_length=max_length, slack=_rollback_slack(model, kwargs),
+                kv_dtype=saved.kv_dtype,
             )
         else:
             _check_continuation(kwargs["past_key_values"], args, kwargs)
