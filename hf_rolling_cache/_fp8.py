@@ -109,7 +109,9 @@ class Fp8KVLayer(KVLayer):
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self.slot_keys, self.key_scales = (None, None) if value is None else quantize(value.transpose(1, 2).contiguous())
+        self.slot_keys, self.key_scales = (
+            (None, None) if value is None else quantize(value.transpose(1, 2).contiguous())
+        )
 
     @property
     def values(self) -> torch.Tensor | None:
