@@ -76,8 +76,9 @@ _xformers = _XformersForward()
 
 
 class _Fp8Decode:
-    """Whether xFormers' split-K kernel may read 8-bit rings: on, until switched off (`exact_kernels`) or until it
-    refuses an input; its refusals are remembered per dtype, head size, query group and device (asked once)."""
+    """Whether xFormers' split-K kernel may read 8-bit rings: on unless switched off (`exact_kernels`). What it
+    refuses (a dtype, head size or GPU it does not support) is asked once per dtype, head size, query group and
+    device, and warned about once; those inputs are then dequantized instead."""
 
     def __init__(self) -> None:
         self.enabled = True
@@ -278,7 +279,8 @@ def attend_ring_fp8(
     inputs (then the caller dequantizes).
 
     Grouped query heads read their kv head through a stride-0 expansion (no copy), and the mask is the decode
-    mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid.
+    mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid: the plan's
+    own for a ring, made here for a global layer whose storage is longer than what it holds.
     """
     from xformers.ops.fmha import triton_splitk
 
