@@ -258,10 +258,11 @@ def _ring_products(query, ring_keys, ring_values, key_mask, scaling, softcap, si
 
 
 def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:
-    """Whether a decode step may read an 8-bit ring with xFormers' split-K kernel: on CUDA with Triton, for a step
-    planned on the host (its mask needs the seqlens as Python ints: not under CUDA graphs), over a prefix of each
-    row's slots (a ring without slack, or a global layer). Score caps and sinks are the caller's to exclude."""
-    if not (query.is_cuda and _fp8_decode.enabled and isinstance(plan, StepPlan)):
+    """Whether a decode step may read an 8-bit ring with xFormers' split-K kernel: on CUDA with Triton, over a
+    prefix of each row's slots (a ring without slack, or a global layer). The step may be planned on the host (an
+    eager step: the mask from its seqlens) or on the device (a CUDA graph's: the key lengths as a device tensor).
+    Score caps and sinks are the caller's to exclude."""
+    if not (query.is_cuda and _fp8_decode.enabled):
         return False
     if plan.window is not None and plan.capacity != plan.window:
         return False
@@ -271,7 +272,7 @@ def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:
 
 
 def attend_ring_fp8(
-    query: torch.Tensor, storage: tuple[torch.Tensor, ...], plan: StepPlan, scaling: float
+    query: torch.Tensor, storage: tuple[torch.Tensor, ...], plan, scaling: float
 ) -> torch.Tensor | None:
     """Decode attention read straight from an 8-bit ring by xFormers' split-K kernel: ``query [B, H_q, 1, D]``,
     ``storage`` as `Fp8KVLayer.attended_fp8` gives it (int32 codes ``[B, C, H_kv, D // 4]`` and scale-shifts
@@ -280,7 +281,9 @@ def attend_ring_fp8(
 
     Grouped query heads read their kv head through a stride-0 expansion (no copy), and the mask is the decode
     mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid: the plan's
-    own for a ring, made here for a global layer whose storage is longer than what it holds.
+    own for a ring, made here for a global layer whose storage is longer than what it holds, or, for a step
+    planned on the device (CUDA graphs), one whose key lengths are the step's device tensor
+    (`_masks.decode_mask_of`). The kernel takes float16 and bfloat16 queries; it refuses float32.
     """
     from xformers.ops.fmha import triton_splitk
 
@@ -293,8 +296,11 @@ def attend_ring_fp8(
         grouped = packed.reshape(1, batch * slots, kv_heads, 1, *packed.shape[3:])
         return grouped.expand(1, batch * slots, kv_heads, group, *packed.shape[3:])
 
-    mask = plan.mask(query.device) if slots == plan.key_span else _masks.decode_mask(
-        plan.kv_seqlens, slots, device=query.device)
+    if isinstance(plan, StepPlan):
+        mask = plan.mask(query.device) if slots == plan.key_span else _masks.decode_mask(
+            plan.kv_seqlens, slots, device=query.device)
+    else:  # a DeviceDecodePlan (CUDA graphs): the step's key lengths stay on the device
+        mask = _masks.decode_mask_of(plan.kv_seqlens_on(query.device), slots)
     inputs = triton_splitk.InputsFp8(
         query=query.transpose(1, 2).reshape(1, batch, kv_heads, group, head_dim),  # [1, B * 1, G, H, K]
         key=per_group(key_codes),

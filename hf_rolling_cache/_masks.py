@@ -8,6 +8,7 @@ only xFormers' attention kernels need CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -73,3 +74,19 @@ def decode_mask(kv_seqlens: Sequence[int], key_span: int, device: torch.device |
     return BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
         q_seqlen=[1] * len(kv_seqlens), kv_padding=key_span, kv_seqlen=list(kv_seqlens), device=device
     )
+
+
+_DECODE_TEMPLATES: dict[tuple, BlockDiagonalCausalWithOffsetPaddedKeysMask] = {}
+
+
+def decode_mask_of(kv_seqlens: torch.Tensor, key_span: int) -> BlockDiagonalCausalWithOffsetPaddedKeysMask:
+    """`decode_mask` with the key lengths as a device tensor (``[B]`` int32) instead of host ints, for a step
+    captured in a CUDA graph: the lengths change from replay to replay inside the tensor, while the mask's host-side
+    sizes (one query per row, ``key_span`` slots, at most ``key_span`` keys) stay fixed. The host-side part is made
+    once per shape and device (its small tensors are copied from the host, which a capture would not allow), on the
+    first, eager step."""
+    shape = (kv_seqlens.numel(), key_span, kv_seqlens.device)
+    template = _DECODE_TEMPLATES.get(shape)
+    if template is None:
+        template = _DECODE_TEMPLATES[shape] = decode_mask([key_span] * shape[0], key_span, device=shape[2])
+    return dataclasses.replace(template, k_seqinfo=dataclasses.replace(template.k_seqinfo, seqlen=kv_seqlens))

@@ -333,6 +333,19 @@ class DeviceDecodePlan:
             self._per_device[key] = (rows + slots, real.view(-1, 1, 1).bool())
         return self._per_device[key]
 
+    def kv_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        """``[B]`` int32: how many slots each row attends over after this step's write, counted from slot 0 (a ring
+        without slack, or a global layer, fills its slots in order), for a kernel that takes key lengths instead of
+        a mask (xFormers' split-K over an 8-bit ring). A row with no token yet counts one (its zero slot 0)."""
+        key = ("kv_seqlens", device)
+        if key not in self._per_device:
+            seen, real = self.counters_on(device)
+            held = (seen + real).clamp(min=1)
+            if self.window is not None:
+                held = held.clamp(max=self.window)
+            self._per_device[key] = held.to(torch.int32)
+        return self._per_device[key]
+
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
         """``[B, 1, 1, capacity]``: True for the slots each row attends over; ``None`` when every slot of every row
         holds a position of its window (`full`), which spares the attention a mask."""

@@ -303,3 +303,104 @@ def test_enable_gives_generate_fp8_caches():
         hf_rolling_cache.disable(model)
     assert got.past_key_values.kv_dtype is FP8
     assert torch.equal(got.sequences, expected)
+
+
+# --- on CUDA: xFormers' split-K kernel reads the ring --------------------------------------------------------------
+def cuda_generate(model, kv_dtype=FP8, **options):
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch([37, 2, 19, 64], vocab=1000, seed=3))
+    cache = RollingSlidingWindowCache(config=model.config, kv_dtype=kv_dtype)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=24,
+        do_sample=False, prefill_chunk_size=16, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+        **options,
+    )
+    return out, cache
+
+
+@pytest.fixture
+def split_k_calls(monkeypatch):
+    """How many times xFormers' split-K kernel was launched from Python (a graph's replays launch it without)."""
+    from xformers.ops.fmha import triton_splitk
+
+    calls = []
+    apply = triton_splitk.FwOp.apply.__func__
+
+    def counted(cls, inputs, needs_gradient):
+        calls.append(type(inputs).__name__)
+        return apply(cls, inputs, needs_gradient)
+
+    monkeypatch.setattr(triton_splitk.FwOp, "apply", classmethod(counted))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [64, None], ids=["ring", "global"])
+def test_split_k_kernel_reads_the_fp8_ring_eagerly_and_captured(window, split_k_calls):
+    """bf16 (the kernel takes float16/bfloat16 queries), 8 query heads over 2 kv heads, D=128: xFormers' kernel over
+    the packed ring gives what SDPA gives over the dequantized ring, for a step planned on the host, and for one
+    planned on the device and captured in a CUDA graph, replayed with other key lengths written into its tensors."""
+    from hf_rolling_cache._plan import DeviceDecodePlan
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, head_dim, capacity = 3, 8, 2, 128, 64
+    cache = RollingSlidingWindowCache(window=64, num_layers=1, kv_dtype=FP8)
+    layer = Fp8KVLayer(window, cache.ledger.counters, capacity)
+    states = [torch.randn(batch, kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+    layer.lazy_initialization(*states)
+    layer.keys, layer.values = states
+    query = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    scaling = head_dim**-0.5
+
+    def expected(seen):
+        plan = build_plan(window=window, q_length=1, q_seqlens=[1] * batch, seen=seen, capacity=capacity)
+        keys, values = layer.attended(plan.key_span)
+        return plan, attend_ring(query, keys, values, plan.key_bias(query.device, query.dtype), scaling)
+
+    plan, reference = expected([63, 5, 40])
+    got = attend_ring_fp8(query, layer.attended_fp8(), plan, scaling)
+    assert split_k_calls == ["InputsFp8"]
+    torch.testing.assert_close(got, reference, rtol=2e-2, atol=2e-2)
+
+    seen = torch.tensor([63, 5, 40], device="cuda")
+    real = torch.ones(batch, dtype=torch.long, device="cuda")
+
+    def device_plan():  # a new plan per step, as the ledger makes one per forward
+        return DeviceDecodePlan(window=window, capacity=capacity, seen=seen, real=real)
+
+    attend_ring_fp8(query, layer.attended_fp8(), device_plan(), scaling)  # eager first, as a capture's warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend_ring_fp8(query, layer.attended_fp8(), device_plan(), scaling)
+    for lengths in ([63, 5, 40], [2, 0, 63], [17, 33, 1]):
+        seen.copy_(torch.tensor(lengths))
+        graph.replay()
+        torch.testing.assert_close(out, expected(lengths)[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["eager", "graphs", "compiled"])
+def test_generate_with_an_fp8_ring_on_cuda_reads_it_with_the_split_k_kernel(path, split_k_calls):
+    """bf16 Mistral with grouped heads (W=16, a ragged batch in chunks, decode past the window): generate takes the
+    kernel path (eagerly, and in the captured step) and its logits stay within bf16 noise of the path that
+    dequantizes the ring first (`exact_kernels`), compared up to the first step whose greedy token differs."""
+    from hf_rolling_cache import _kernels
+
+    config = tiny_config(16, kv_heads=2, heads=8, head_dim=64, layers=4, vocab=1000)
+    config.hidden_size, config.intermediate_size = 256, 512
+    model = model_pair(config)[1].to("cuda", torch.bfloat16)
+    with _kernels.exact_kernels():
+        expected, _ = cuda_generate(model)
+    assert not split_k_calls
+    if path != "eager":
+        hf_rolling_cache.use_cuda_graphs(model, compile=path == "compiled")
+    got, cache = cuda_generate(model)
+    assert split_k_calls and set(split_k_calls) == {"InputsFp8"}
+    if path != "eager":
+        assert getattr(cache.decode_graph, "segments", None) is not None  # replayed, not eager steps
+        hf_rolling_cache.release_cuda_graphs(model)
+    new = got.sequences.shape[1] - len(got.scores)
+    for step, (ours, theirs) in enumerate(zip(got.scores, expected.scores, strict=True)):
+        scale = theirs.float().abs().max().item()
+        assert (ours.float() - theirs.float()).abs().max().item() <= 0.05 * scale, f"step {step}"
+        if not torch.equal(got.sequences[:, new + step], expected.sequences[:, new + step]):
+            break  # from here on the two read different tokens

@@ -148,3 +148,25 @@ def test_decode_with_slack_attends_to_the_window_only():
         held = held_positions(s + 1, window + slack)  # after this step's write
         expected = [0 <= p and s + 1 - window <= p <= s for p in held]
         assert valid[row].tolist() == expected
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_device_decode_key_lengths_are_the_host_plans(window):
+    """What a captured step hands xFormers' split-K kernel instead of a mask: per row, the host plan's kv_seqlens
+    (a row with a padding column keeps its count, a row with nothing yet counts its zero slot 0)."""
+    from hf_rolling_cache._masks import decode_mask, decode_mask_of
+    from hf_rolling_cache._plan import DeviceDecodePlan
+
+    capacity = 16
+    for seen, real in (([9, 2, 5, 3], [1, 1, 1, 1]), ([9, 0, 15, 3], [1, 0, 1, 0])):
+        plan = DeviceDecodePlan(window=window, capacity=capacity, seen=torch.tensor(seen), real=torch.tensor(real))
+        got = plan.kv_seqlens_on(torch.device("cpu"))
+        assert got.dtype == torch.int32
+        expected = [build_plan(window=window, q_length=1, q_seqlens=[1], seen=[s], capacity=capacity).kv_seqlens[0]
+                    if r else max(1, min(s, window or s)) for s, r in zip(seen, real)]
+        assert got.tolist() == expected
+        mask = decode_mask_of(got, capacity)
+        template = decode_mask([capacity] * len(seen), capacity)
+        assert mask.k_seqinfo.seqlen is got  # the device tensor itself, read by the kernel at every replay
+        assert mask.k_seqinfo.max_seqlen == capacity and mask.k_seqinfo.padding == capacity
+        assert torch.equal(mask.q_seqinfo.seqstart, template.q_seqinfo.seqstart)
