@@ -49,6 +49,11 @@ def rolling_cache(model, max_length):
     return RollingSlidingWindowCache(config=model.config, max_length=max_length)
 
 
+def rolling_cache_fp8(model, max_length):
+    # the opt-in 8-bit ring: e4m3 codes with a float16 scale per token and kv head
+    return RollingSlidingWindowCache(config=model.config, max_length=max_length, kv_dtype=torch.float8_e4m3fn)
+
+
 def dynamic_cache(model, max_length):
     return DynamicCache(config=model.config)
 
@@ -58,6 +63,7 @@ PATHS = {
     "rolling": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
+    "rolling_graphs_compiled_fp8": ("rolling_xformers", rolling_cache_fp8, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),

@@ -44,10 +44,10 @@ def timed(step, repeats: int) -> float:
 
 
 @torch.no_grad()
-def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> dict:
+def profile(model, batch: int, prompt: int, top: int, compile: bool = False, kv_dtype=None) -> dict:
     model.set_attn_implementation("rolling_xformers")
     hf_rolling_cache.release_cuda_graphs(model)
-    cache = RollingSlidingWindowCache(config=model.config)
+    cache = RollingSlidingWindowCache(config=model.config, kv_dtype=kv_dtype)
     generator = torch.Generator().manual_seed(batch)  # the same tokens on every tensor-parallel rank
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), generator=generator).to(model.device)
     for start in range(0, prompt, model.config.sliding_window):
@@ -81,13 +81,14 @@ def profile(model, batch: int, prompt: int, top: int, compile: bool = False) -> 
         torch.cuda.synchronize()
     hf_rolling_cache.release_cuda_graphs(model)
     step_ms = compiled_ms if compiled_ms is not None else graph_ms
-    return breakdown(model, batch, prof.key_averages(), step_ms, top)
+    return breakdown(model, batch, prof.key_averages(), step_ms, top, kv_dtype)
 
 
 PROFILED_STEPS = 3
 CLASSES = (  # (class, substrings of kernel names), first match wins
     ("all-reduces", ("all_reduce", "allreduce", "nccl", "one_shot", "symm")),
-    ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax")),
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax", "fwd_kernel_splitk",
+                   "_splitk_reduce")),  # the last two: xFormers' split-K decode (an 8-bit ring)
     ("weight products", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "splitKreduce", "cublas")),
     ("ring write", ("index_copy", "index_put", "scatter", "indexing_backward", "index_elementwise")),
     ("copies", ("memcpy", "memset", "copy_kernel")),
@@ -112,7 +113,7 @@ def read_bandwidth(gib: float = 4.0) -> float:
     return 2 * gib * 2**30 / seconds
 
 
-def breakdown(model, batch: int, events, step_ms: float, top: int) -> dict:
+def breakdown(model, batch: int, events, step_ms: float, top: int, kv_dtype=None) -> dict:
     """Milliseconds per step by kernel class, each against its floor; prints the top kernels too."""
     config = model.config
     bandwidth = read_bandwidth()
@@ -121,8 +122,8 @@ def breakdown(model, batch: int, events, step_ms: float, top: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in locals_)
     kv_heads = config.num_key_value_heads // (dist.get_world_size() if dist.is_initialized() else 1)
     dtype_bytes = next(model.parameters()).element_size()
-    ring_bytes = (2 * config.num_hidden_layers * batch * config.sliding_window * kv_heads
-                  * head_dim * dtype_bytes)  # every slot of every ring, keys and values, read once a step
+    slot_bytes = head_dim * dtype_bytes if kv_dtype is None else head_dim + 4  # an 8-bit ring: codes + scale pair
+    ring_bytes = 2 * config.num_hidden_layers * batch * config.sliding_window * kv_heads * slot_bytes  # every slot of every ring, keys and values, read once a step
     floors = {"weight products": weight_bytes / bandwidth * 1000, "attention": ring_bytes / bandwidth * 1000}
     per_class: dict[str, float] = {}
     for event in events:
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="also profile use_cuda_graphs(compile=True)")
     parser.add_argument("--json", default=None, help="write the per-class figures here")
+    parser.add_argument("--fp8", action="store_true", help="an 8-bit ring (kv_dtype=torch.float8_e4m3fn)")
     parser.add_argument("--tp", action="store_true",
                         help="under torchrun: the Mistral-7B checkpoint of benchmarks.multi_gpu with tp_plan='auto'")
     args = parser.parse_args()
@@ -162,7 +164,8 @@ def main() -> None:
         model = multi_gpu.load(multi_gpu.checkpoint_folder(), "tp", torch.bfloat16)
     else:
         model = build_model(False, "cuda")
-    rows = [profile(model, batch, args.prompt, args.top, args.compile) for batch in args.batch]
+    kv_dtype = torch.float8_e4m3fn if args.fp8 else None
+    rows = [profile(model, batch, args.prompt, args.top, args.compile, kv_dtype) for batch in args.batch]
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
         dist.barrier()
@@ -171,7 +174,7 @@ def main() -> None:
     if args.json and not (args.tp and int(os.environ.get("RANK", 0))):
         with open(args.json, "w") as handle:
             json.dump(dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, prompt=args.prompt,
-                           compiled=args.compile, tensor_parallel=ranks,
+                           compiled=args.compile, tensor_parallel=ranks, fp8_ring=args.fp8,
                            rows=rows), handle, indent=2)
 
 

@@ -1,0 +1,122 @@
+"""Where a long prompt's first token goes: one chunked prefill of the rolling path, its kernels by class.
+
+    python -m benchmarks.profile_prefill --prompt 32768 [--chunk 4096 8192] [--json results/h100/profile_prefill.json]
+
+The prompt goes through the model chunk by chunk (``prefill_chunk_size``, default the window), as ``generate`` does
+with the rolling cache, timed end to end and then once under torch.profiler. Kernel classes: weight products
+(cuBLAS/cutlass GEMMs), attention (xFormers/flash), copies and index writes (packing, the ring write, the history
+gather), and everything else (norms, rotary, activations, adds). Each class against its floor at the matrix rate and
+bandwidth this GPU shows on a large bf16 product and a large copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.gpu_bench import build_model
+from benchmarks.profile_decode import read_bandwidth
+from hf_rolling_cache import RollingSlidingWindowCache
+
+CLASSES = (  # (class, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
+    ("weight products", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "sm90_xmma")),
+    ("copies and index writes", ("index", "copy", "memcpy", "memset", "cat", "scatter", "gather")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for label, needles in CLASSES:
+        if any(needle in lowered for needle in needles):
+            return label
+    return "norms, rotary, activations, adds"
+
+
+def matrix_rate(size: int = 8192) -> float:
+    """FLOP/s of a large bf16 product on this GPU."""
+    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * size**3 / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, chunk: int) -> None:
+    cache = RollingSlidingWindowCache(config=model.config)
+    mask = torch.ones_like(ids)
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
+
+
+def profile(model, prompt: int, chunk: int, top: int) -> dict:
+    ids = torch.randint(1, model.config.vocab_size, (1, prompt), device="cuda")
+    prefill(model, ids[:, : 2 * chunk], chunk)  # warm-up: xFormers' operator choice, cuBLAS heuristics
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    prefill(model, ids, chunk)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak_gib = (torch.cuda.max_memory_allocated() - weights) / 2**30
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        prefill(model, ids, chunk)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    per_class: dict[str, float] = {}
+    for event in events:
+        label = kernel_class(event.key)
+        per_class[label] = per_class.get(label, 0.0) + event.device_time_total / 1e6
+    kernels_s = sum(per_class.values())
+    config = model.config
+    params = sum(p.numel() for p in model.model.layers.parameters())
+    product_flops = 2 * params * prompt
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window = config.sliding_window
+    # each query scores against up to `window` keys (the causal triangle for the first window)
+    visible = sum(min(p + 1, window) for p in range(0, prompt, 64)) * 64
+    attention_flops = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * visible
+    rate = matrix_rate()
+    print(f"prompt {prompt}, chunk {chunk}: first token {seconds:.3f} s, {peak_gib:.3f} GiB above the weights; "
+          f"kernels {kernels_s:.3f} s, gaps {seconds - kernels_s:.3f} s; bf16 product rate {rate / 1e12:.0f} TFLOP/s",
+          flush=True)
+    floors = {"weight products": product_flops / rate, "attention": attention_flops / rate}
+    for label, s in sorted(per_class.items(), key=lambda item: -item[1]):
+        floor = floors.get(label)
+        print(f"    {label:30s} {s:7.3f} s" + ("" if floor is None else f"  floor {floor:.3f} s at the product rate "
+                                                f"({100 * floor / s:.0f}% of it)"), flush=True)
+    print("  top kernels (s):")
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"    {event.device_time_total / 1e6:7.3f}  x{event.count:<5d} [{kernel_class(event.key)}] {event.key[:110]}")
+    return dict(prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
+                kernels_s=kernels_s, per_class_s=per_class, floors_s=floors, product_tflops=rate / 1e12,
+                bandwidth_tb_s=read_bandwidth() / 1e12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, nargs="+", default=[4096])
+    parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model = build_model(False, "cuda")
+    model.set_attn_implementation("rolling_xformers")
+    rows = [profile(model, args.prompt, chunk, args.top) for chunk in args.chunk]
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
