@@ -4,8 +4,8 @@ Under Transformers' tensor parallelism (``tp_plan``) every decoder layer sums it
 GPUs twice (attention output, MLP output): 64 all-reduces of a few KB in one 7B decode step. NCCL's all-reduce
 takes ~20 us at that size, about as long as the half of a layer's weights each GPU reads. PyTorch's symmetric
 memory has a one-shot all-reduce for such small sums: each GPU copies its part into a buffer every GPU of the group
-can read over NVLink (peer-to-peer, no multicast), and sums the parts of all GPUs in rank order, so every rank gets
-the same bits. It is one kernel with a barrier on each side, and a CUDA graph captures it like any other.
+can read over NVLink (peer-to-peer, no multicast), and one kernel, with a barrier on each side, sums the parts of all
+GPUs in rank order, so every rank gets the same bits. A CUDA graph captures both like any other kernels.
 
 `one_shot_all_reduces` puts it in place of ``torch.distributed.all_reduce`` for Transformers' tensor-parallel layers
 while a decode step is warmed up and captured; an all-reduce it does not fit (another op, an async one, a dtype
@@ -21,24 +21,26 @@ import warnings
 
 import torch
 
-_LARGEST = 1 << 20  # bytes: beyond this NCCL's ring is as fast, and the buffers would grow with the batch
-_WORLD_SIZES = (2, 4, 8)  # what the one-shot kernel is built for
+_LARGEST = 1 << 20  # bytes: each shared buffer's size; beyond it NCCL's ring is as fast
+_WORLD_SIZES = (2, 4, 8)  # the group sizes taken (the ones measured and tested are 2)
 
 
 class _Buffers:
-    """One shared buffer per (group, device, dtype), rendezvoused once; reused by every all-reduce of a step (the
-    kernel's closing barrier keeps the next one from writing while a peer still reads)."""
+    """One shared buffer per (group, device, dtype), of the largest message taken (`_LARGEST`), rendezvoused once
+    and never replaced: a captured graph keeps the buffer's address, so one made later for a larger message must not
+    free it. Every all-reduce of a step reuses it (the kernel's closing barrier keeps the next one from writing
+    while a peer still reads)."""
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.unavailable: str | None = None  # why this process cannot share buffers (then: NCCL throughout)
 
     def view(self, group_name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """A view of the shared buffer shaped like ``like``, or None if there is none large enough and one cannot
-        be made now (inside a capture)."""
+        """A view of the shared buffer shaped like ``like``, or None if there is none yet and one cannot be made
+        now (inside a capture)."""
         key = (group_name, like.device, like.dtype)
         held = self._held.get(key)
-        if held is None or held.numel() < like.numel():
+        if held is None:
             if torch.cuda.is_current_stream_capturing():
                 return None
             held = self._allocate(group_name, like)
@@ -55,7 +57,7 @@ class _Buffers:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     symm_mem.enable_symm_mem_for_group(group_name)
-            buffer = symm_mem.empty(like.numel(), dtype=like.dtype, device=like.device)
+            buffer = symm_mem.empty(_LARGEST // like.element_size(), dtype=like.dtype, device=like.device)
             symm_mem.rendezvous(buffer, group_name)
         except Exception as error:  # no peer access, a PyTorch without symmetric memory: NCCL as before
             self.unavailable = f"{type(error).__name__}: {error}"
@@ -91,9 +93,12 @@ class _DistWithOneShot:
         if target is None:
             return dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group, async_op=async_op)
         shared, group_name = target
-        # One kernel: each thread copies its elements into the shared buffer, waits for the peers, and writes the
-        # sums of the same elements back, so ``tensor`` can be both the local input and the output.
-        torch.ops.symm_mem.one_shot_all_reduce_copy_out(shared, tensor, "sum", group_name, tensor)
+        # Two kernels, not the fused copy-in variant (``one_shot_all_reduce_copy_out``): that kernel signals the
+        # peers without a block-wide barrier after its copy, so a peer could read an element another warp of the
+        # block has not stored yet. Here the copy finishes before the all-reduce kernel, whose opening barrier
+        # the peers pass only after theirs.
+        shared.copy_(tensor)
+        torch.ops.symm_mem.one_shot_all_reduce_out(shared, "sum", group_name, tensor)
         return None
 
     def _one_shot_view(self, tensor, op, group, async_op) -> tuple[torch.Tensor, str] | None:

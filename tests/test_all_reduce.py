@@ -72,3 +72,26 @@ def test_outside_a_distributed_run_nothing_is_swapped():
     with _all_reduce.nccl_only(), _all_reduce.one_shot_all_reduces():
         assert tensor_parallel.dist is held
     assert not _all_reduce._NCCL_ONLY  # put back
+
+
+def test_a_shared_buffer_is_made_once_at_full_size_and_never_replaced(monkeypatch):
+    """A captured graph keeps the buffer's address: a later, larger message must reuse it, not free it for a new
+    one. Inside a capture no buffer can be made (the caller then keeps NCCL)."""
+    made = []
+
+    def allocate(self, group_name, like):
+        made.append((group_name, like.dtype))
+        return torch.zeros(_all_reduce._LARGEST // like.element_size(), dtype=like.dtype)
+
+    monkeypatch.setattr(_all_reduce._Buffers, "_allocate", allocate)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build cannot say)
+    buffers = _all_reduce._Buffers()
+    small = buffers.view("world", torch.ones(2, 4))
+    large = buffers.view("world", torch.ones(64, 1024))
+    assert small.shape == (2, 4) and large.shape == (64, 1024)
+    assert small.data_ptr() == large.data_ptr() and made == [("world", torch.float32)]
+    buffers.view("world", torch.ones(8, dtype=torch.bfloat16))  # another dtype: its own buffer
+    assert made == [("world", torch.float32), ("world", torch.bfloat16)]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert buffers.view("tp", torch.ones(4)) is None and len(made) == 2
+    assert buffers.view("world", torch.ones(4)).data_ptr() == small.data_ptr()  # made before: still served
