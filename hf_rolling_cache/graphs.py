@@ -188,7 +188,10 @@ class _CompiledLayers:
         """The compiled copy of ``layer``'s kind of decode write (one per kind, shared by its layers)."""
         writer = type(layer).decode_writer
         if writer not in self._writers:
-            self._writers[writer] = torch.compile(writer, backend=self._backend, dynamic=False)
+            # Inductor drops a float16 round trip inside a fused kernel unless told to keep it: the 8-bit ring's
+            # codes would then be divided by the unrounded scale, not by the float16 one stored beside them.
+            options = {"emulate_precision_casts": True} if self._backend == "inductor" else None
+            self._writers[writer] = torch.compile(writer, backend=self._backend, dynamic=False, options=options)
         return self._writers[writer]
 
 
