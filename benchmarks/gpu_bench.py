@@ -224,7 +224,7 @@ def format_row(r: Result) -> str:
     def f(value, spec):
         return "-" if value is None else format(value, spec)
 
-    return (f"{r.path:23s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
+    return (f"{r.path:28s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
             f"decode={f(r.decode_tok_s, '.1f')} tok/s peak-weights={f(r.peak_above_weights_gib, '.2f')} GiB "
             f"(resident {f(r.resident_above_weights_gib, '.3f')}) "
             f"kv={f(r.kv_cache_gib, '.3f')} GiB warm-up={f(r.warmup_s, '.1f')}s {r.error or ''}")

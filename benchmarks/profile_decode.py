@@ -90,7 +90,8 @@ CLASSES = (  # (class, substrings of kernel names), first match wins
     ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax", "fwd_kernel_splitk",
                    "_splitk_reduce")),  # the last two: xFormers' split-K decode (an 8-bit ring)
     ("weight products", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "splitKreduce", "cublas")),
-    ("ring write", ("index_copy", "index_put", "scatter", "indexing_backward", "index_elementwise")),
+    ("ring write", ("index_copy", "index_put", "scatter", "indexing_backward", "index_elementwise",
+                    "amax")),  # the last: an 8-bit ring's quantization, fused with or before its write
     ("copies", ("memcpy", "memset", "copy_kernel")),
 )
 

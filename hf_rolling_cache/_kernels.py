@@ -103,7 +103,8 @@ _fp8_decode = _Fp8Decode()
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """Use the exact dense kernel for prefill phases even on CUDA, and dequantize 8-bit rings for decode (to
-    compare the paths)."""
+    compare the paths). A decode step captured earlier (`use_cuda_graphs`) replays the kernels it was captured
+    with: release the graphs first to compare captured steps."""
     previous = _xformers.enabled, _fp8_decode.enabled
     _xformers.enabled = _fp8_decode.enabled = False
     try:
@@ -262,8 +263,8 @@ def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:
     prefix of each row's slots (a ring without slack, or a global layer). The step may be planned on the host (an
     eager step: the mask from its seqlens) or on the device (a CUDA graph's: the key lengths as a device tensor).
     Score caps and sinks are the caller's to exclude."""
-    if not (query.is_cuda and _fp8_decode.enabled):
-        return False
+    if not (query.is_cuda and _fp8_decode.enabled and query.dtype in (torch.float16, torch.bfloat16)):
+        return False  # (the kernel refuses float32 queries: those read the ring dequantized)
     if plan.window is not None and plan.capacity != plan.window:
         return False
     import xformers

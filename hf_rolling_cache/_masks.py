@@ -84,7 +84,11 @@ def decode_mask_of(kv_seqlens: torch.Tensor, key_span: int) -> BlockDiagonalCaus
     captured in a CUDA graph: the lengths change from replay to replay inside the tensor, while the mask's host-side
     sizes (one query per row, ``key_span`` slots, at most ``key_span`` keys) stay fixed. The host-side part is made
     once per shape and device (its small tensors are copied from the host, which a capture would not allow), on the
-    first, eager step."""
+    first, eager step.
+
+    Only the device ``seqlen`` is true: the host-side fields (``seqlen_py``, ``min_seqlen``, ``max_seqlen``) stay at
+    ``key_span``, an upper bound, which is all xFormers' split-K kernel reads of them. Hand this mask to nothing
+    else: ``materialize`` or another operator would see every slot as valid."""
     shape = (kv_seqlens.numel(), key_span, kv_seqlens.device)
     template = _DECODE_TEMPLATES.get(shape)
     if template is None:

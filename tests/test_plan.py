@@ -150,21 +150,21 @@ def test_decode_with_slack_attends_to_the_window_only():
         assert valid[row].tolist() == expected
 
 
-@pytest.mark.parametrize("window", [4, None])
-def test_device_decode_key_lengths_are_the_host_plans(window):
-    """What a captured step hands xFormers' split-K kernel instead of a mask: per row, the host plan's kv_seqlens
-    (a row with a padding column keeps its count, a row with nothing yet counts its zero slot 0)."""
+@pytest.mark.parametrize("window", [16, None], ids=["ring", "global"])
+def test_device_decode_key_lengths_count_the_slots_the_key_mask_opens(window):
+    """What a captured step hands xFormers' split-K kernel instead of a mask, for a ring without slack or a global
+    layer (whose slots fill in order): per row, the slots its key mask opens, and they are the first ones."""
     from hf_rolling_cache._masks import decode_mask, decode_mask_of
     from hf_rolling_cache._plan import DeviceDecodePlan
 
     capacity = 16
-    for seen, real in (([9, 2, 5, 3], [1, 1, 1, 1]), ([9, 0, 15, 3], [1, 0, 1, 0])):
+    cases = (([9, 2, 15, 0], [1, 1, 1, 1]), ([9, 0, 15, 3], [1, 0, 1, 0]), ([40, 16, 17, 1], [1, 1, 0, 1]))
+    for seen, real in cases if window else cases[:2]:  # a global layer never holds more than its capacity
         plan = DeviceDecodePlan(window=window, capacity=capacity, seen=torch.tensor(seen), real=torch.tensor(real))
         got = plan.kv_seqlens_on(torch.device("cpu"))
-        assert got.dtype == torch.int32
-        expected = [build_plan(window=window, q_length=1, q_seqlens=[1], seen=[s], capacity=capacity).kv_seqlens[0]
-                    if r else max(1, min(s, window or s)) for s, r in zip(seen, real)]
-        assert got.tolist() == expected
+        opened = plan.key_padding(torch.device("cpu")).view(len(seen), capacity)
+        prefix = torch.arange(capacity)[None, :] < got[:, None].long()
+        assert got.dtype == torch.int32 and torch.equal(opened, prefix), (seen, real)
         mask = decode_mask_of(got, capacity)
         template = decode_mask([capacity] * len(seen), capacity)
         assert mask.k_seqinfo.seqlen is got  # the device tensor itself, read by the kernel at every replay
