@@ -82,6 +82,7 @@ class _DistWithOneShot:
     def __init__(self, dist, buffers: _Buffers) -> None:
         self._dist = dist
         self._buffers = buffers
+        self.captured = 0  # one-shot all-reduces recorded into a CUDA graph (what a replay then runs)
 
     def __getattr__(self, name: str):
         return getattr(self._dist, name)
@@ -99,6 +100,7 @@ class _DistWithOneShot:
         # the peers pass only after theirs.
         shared.copy_(tensor)
         torch.ops.symm_mem.one_shot_all_reduce_out(shared, "sum", group_name, tensor)
+        self.captured += torch.cuda.is_current_stream_capturing()
         return None
 
     def _one_shot_view(self, tensor, op, group, async_op) -> tuple[torch.Tensor, str] | None:
@@ -130,6 +132,12 @@ def _dist_with_one_shot(dist) -> _DistWithOneShot:
 def shared_buffers() -> int:
     """How many symmetric-memory buffers this process has made (0: every all-reduce went to NCCL)."""
     return sum(len(proxy._buffers._held) for proxy in _PROXIES)
+
+
+def captured_one_shots() -> int:
+    """How many one-shot all-reduces this process has recorded into CUDA graphs (the tests' evidence that a
+    captured step sums over symmetric memory, not NCCL)."""
+    return sum(proxy.captured for proxy in _PROXIES)
 
 
 _PROXIES: list[_DistWithOneShot] = []

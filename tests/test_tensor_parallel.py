@@ -61,7 +61,8 @@ def test_tensor_parallel_is_one_process_answer(checkpoint, device, path, tmp_pat
     got = torch.load(out)
     assert got["kv_heads"] == 1  # each process holds half of the key/value heads
     assert got["replayed"] == (path != "eager")
-    assert got["one_shot"] == (path != "eager")  # captured steps sum over symmetric memory (_all_reduce)
+    # every captured step's all-reduces (two a layer) summed over symmetric memory (_all_reduce), none eagerly
+    assert got["one_shot"] >= 2 * 4 if path != "eager" else got["one_shot"] == 0
     assert torch.equal(got["sequences"], expected.sequences.cpu())
     for ours, theirs in zip(got["scores"], expected.scores):
         torch.testing.assert_close(ours, theirs.cpu(), rtol=0, atol=1e-4)

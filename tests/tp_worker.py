@@ -30,7 +30,7 @@ def main(checkpoint: str, path: str, out: str) -> None:
                          max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True,
                          pad_token_id=0)
     replayed = getattr(cache.decode_graph, "segments", None) is not None  # a captured graph, not eager steps
-    one_shot = _all_reduce.shared_buffers() > 0  # the captured all-reduces went one-shot over symmetric memory
+    one_shot = _all_reduce.captured_one_shots()  # all-reduces recorded one-shot over symmetric memory
     if dist.get_rank() == 0:
         torch.save(dict(sequences=got.sequences.cpu(), scores=[s.cpu() for s in got.scores], replayed=replayed,
                         one_shot=one_shot, kv_heads=cache.layers[0].keys.shape[1]), out)
