@@ -154,6 +154,13 @@ def test_memory_is_d_plus_4_over_2d_of_a_bf16_ring_and_stays_flat():
     slots = len(lengths) * window * model.config.num_key_value_heads * 2 * model.config.num_hidden_layers  # K and V
     assert sizes == {kind: slots * size for kind, size in per_token_head.items()}
     assert sizes[FP8] / sizes[None] == (head_dim + 4) / (2 * head_dim)
+    # what `hf-rolling-cache estimate --dtype fp8` predicts from the shape, before anything is allocated
+    from hf_rolling_cache.tools import estimate
+
+    shape = estimate.KVShape.from_config(model.config)
+    predicted = estimate.rolling_cache_bytes(shape, len(lengths), window, estimate.dtype_bytes("fp8"),
+                                             scale_bytes=estimate.SCALE_BYTES["fp8"])
+    assert predicted == sizes[FP8]
 
 
 # --- row operations, crop, reset ----------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def _estimate(args) -> int:
         shape, name = estimate.KVShape.from_config(_local_model_config(args.model_config)), args.model_config
     window = args.window or shape.window
     size = estimate.dtype_bytes(args.dtype)
+    scales = estimate.SCALE_BYTES.get(args.dtype, 0)
     print(f"{name}: {shape.layers} layers, {shape.kv_heads} kv heads x head_dim {shape.head_dim} = "
           f"{shape.kv_width} numbers per token for K and for V; {args.dtype} ({size} bytes)")
     print("units: GB = 10^9 bytes, GiB = 2^30 bytes")
@@ -115,14 +116,14 @@ def _estimate(args) -> int:
     if window is None:
         print("rolling cache: the config gives no sliding window; pass --window W to size one")
     elif shape.window is not None and shape.rings < shape.layers:  # a hybrid model
-        rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size, args.seq)
-        rings = estimate.rolling_cache_bytes(shape, args.batch, window, size, 0)
+        rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size, args.seq, scales)
+        rings = estimate.rolling_cache_bytes(shape, args.batch, window, size, 0, scales)
         print(f"rolling cache, window {window}: {estimate.format_bytes(rolling)} at {args.seq} tokens")
         print(f"  {shape.rings} sliding layers x {window} slots: {estimate.format_bytes(rings)} at any length; "
               f"{shape.layers - shape.rings} global layers x {args.seq} tokens: {estimate.format_bytes(rolling - rings)}"
               " (they keep every token and grow with the length)")
     else:
-        rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size)
+        rolling = estimate.rolling_cache_bytes(shape, args.batch, window, size, scale_bytes=scales)
         print(f"rolling cache, window {window}: {estimate.format_bytes(rolling)} at any length "
               f"({window} slots per layer and sequence)")
         if shape.window is None:
@@ -130,6 +131,9 @@ def _estimate(args) -> int:
         if args.seq < window:
             print(f"  note: more than the full cache at {args.seq} tokens: the ring allocates all {window} slots at "
                   "the first token")
+    if window is not None and scales:
+        print(f"  the 8-bit ring (kv_dtype=torch.float8_e4m3fn) keeps {scales} more bytes per slot and kv head for K and "
+              f"for V (a float16 scale and shift): {shape.head_dim + scales} bytes per {shape.head_dim} numbers")
     flops = estimate.flops_saved(args.tokens, shape.kv_heads, shape.hidden, shape.layers)
     print(f"FLOPs a KV cache saves over {args.tokens} tokens (the article's simplified count): {flops:.4e}")
     print(f"  = 2 x (T (T-1) / 2) x n_kv_heads x dim^2 x layers, with T {args.tokens}, n_kv_heads {shape.kv_heads}, "

@@ -99,11 +99,17 @@ def kv_cache_bytes(shape: KVShape, batch: int, tokens: int, dtype_bytes: int) ->
     return 2 * dtype_bytes * shape.layers * shape.kv_width * tokens * batch
 
 
-def rolling_cache_bytes(shape: KVShape, batch: int, window: int, dtype_bytes: int, tokens: int = 0) -> int:
+SCALE_BYTES = {"fp8": 4}  # the 8-bit ring's float16 (scale, shift) pair per token and kv head (`_fp8`)
+
+
+def rolling_cache_bytes(
+    shape: KVShape, batch: int, window: int, dtype_bytes: int, tokens: int = 0, scale_bytes: int = 0
+) -> int:
     """The rolling cache: exactly ``window`` slots per sliding layer and sequence whatever the length, and
-    ``tokens`` per global layer (a hybrid model's full-attention layers keep every token)."""
+    ``tokens`` per global layer (a hybrid model's full-attention layers keep every token). ``scale_bytes``: what
+    a slot keeps per kv head beside its numbers, for K and for V (the 8-bit ring's scale pair)."""
     rings = shape.rings if shape.window is not None else shape.layers  # --window on a model without one: all slide
-    per_token = 2 * dtype_bytes * shape.kv_width * batch
+    per_token = 2 * (dtype_bytes * shape.kv_width + scale_bytes * shape.kv_heads) * batch
     return per_token * (rings * window + (shape.layers - rings) * tokens)
 
 
