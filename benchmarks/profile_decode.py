@@ -23,15 +23,7 @@ import torch.distributed as dist
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
 from benchmarks.gpu_bench import build_model
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def say(text: str) -> None:
-    if rank() == 0:
-        print(text, flush=True)
+from benchmarks.multi_gpu import say
 
 
 def timed(step, repeats: int) -> float:
@@ -96,9 +88,10 @@ CLASSES = (  # (class, substrings of kernel names), first match wins
 )
 
 
-def kernel_class(name: str) -> str:
+def kernel_class(name: str, classes=CLASSES) -> str:
+    """The first class whose substrings the kernel's name holds, else the elementwise rest."""
     lowered = name.lower()
-    for label, needles in CLASSES:
+    for label, needles in classes:
         if any(needle.lower() in lowered for needle in needles):
             return label
     return "norms, rotary, activations, adds"
@@ -110,7 +103,6 @@ def read_bandwidth(gib: float = 4.0) -> float:
     target = torch.empty_like(source)
     target.copy_(source)
     seconds = timed(lambda: target.copy_(source), 10) / 1000
-    del source, target
     return 2 * gib * 2**30 / seconds
 
 

@@ -18,10 +18,11 @@ import time
 import torch
 
 from benchmarks.gpu_bench import build_model
+from benchmarks.profile_decode import kernel_class as decode_kernel_class
 from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import RollingSlidingWindowCache
 
-CLASSES = (  # (class, substrings of kernel names), first match wins
+CLASSES = (  # (class, substrings of kernel names), first match wins: prefill's own split (copies and index writes)
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
     ("weight products", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "sm90_xmma")),
     ("copies and index writes", ("index", "copy", "memcpy", "memset", "cat", "scatter", "gather")),
@@ -29,11 +30,7 @@ CLASSES = (  # (class, substrings of kernel names), first match wins
 
 
 def kernel_class(name: str) -> str:
-    lowered = name.lower()
-    for label, needles in CLASSES:
-        if any(needle in lowered for needle in needles):
-            return label
-    return "norms, rotary, activations, adds"
+    return decode_kernel_class(name, CLASSES)
 
 
 def matrix_rate(size: int = 8192) -> float:

@@ -207,6 +207,17 @@ def test_crop_then_continue_as_the_rounding_plain_ring(rounding_plain_rings):
 
 
 # --- the decode write, compiled --------------------------------------------------------------------------------------
+def compiled_write_equals_eager(layer, new, slots, keep, backend: str) -> None:
+    """Write ``new`` into ``layer`` with its compiled decode writer (as `use_cuda_graphs(compile=True)` makes it), and
+    check the codes and scales bit for bit against the eager write into a copy of the storage."""
+    eager = [tensor.clone() for tensor in layer._flat_codes()]
+    write_fp8_tokens(*eager, *new, slots, keep)
+    writer = _CompiledLayers(model_pair(tiny_config(2, layers=1))[1], backend=backend)._compiled_writer(layer)
+    writer(*layer._flat_codes(), *new, slots, keep)
+    for got, want in zip(layer._flat_codes(), eager):
+        assert torch.equal(got, want)
+
+
 def test_compiled_fp8_decode_write_matches_eager_and_keeps_padded_rows():
     torch.manual_seed(0)
     batch, window, heads, head_dim = 3, 4, 2, 8
@@ -218,12 +229,7 @@ def test_compiled_fp8_decode_write_matches_eager_and_keeps_padded_rows():
     slots = torch.tensor([0, window + 1, 2 * window])  # row 1 writes a fresh slot, but it is padding this step
     keep = torch.tensor([True, False, True]).view(-1, 1, 1)
     before = [tensor.clone() for tensor in layer.storage()]
-    eager = [tensor.clone() for tensor in layer._flat_codes()]
-    write_fp8_tokens(*eager, *new, slots, keep)
-    writer = _CompiledLayers(model_pair(tiny_config(window, layers=1))[1], backend="aot_eager")._compiled_writer(layer)
-    writer(*layer._flat_codes(), *new, slots, keep)
-    for got, want in zip(layer._flat_codes(), eager):
-        assert torch.equal(got, want)
+    compiled_write_equals_eager(layer, new, slots, keep, "aot_eager")
     after = layer.storage()
     for old, now in zip(before, after):
         assert torch.equal(old[1].view(torch.uint8), now[1].view(torch.uint8))  # the padded row changed nothing
@@ -243,12 +249,7 @@ def test_inductor_compiled_fp8_decode_write_stores_eagers_bits():
     layer.lazy_initialization(torch.randn(batch, heads, 1, head_dim), torch.randn(batch, heads, 1, head_dim))
     new = [torch.randn(batch, heads, head_dim) * 3 for _ in range(2)]
     slots = torch.arange(batch) * window
-    eager = [tensor.clone() for tensor in layer._flat_codes()]
-    write_fp8_tokens(*eager, *new, slots, None)
-    writer = _CompiledLayers(model_pair(tiny_config(window, layers=1))[1], backend="inductor")._compiled_writer(layer)
-    writer(*layer._flat_codes(), *new, slots, None)
-    for got, want in zip(layer._flat_codes(), eager):
-        assert torch.equal(got, want)
+    compiled_write_equals_eager(layer, new, slots, None, "inductor")
 
 
 # --- the CUDA kernel's glue, against a stand-in for xFormers' split-K kernel --------------------------------------
