@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -35,35 +36,43 @@ class _Buffers:
         self._held: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.unavailable: str | None = None  # why this process cannot share buffers (then: NCCL throughout)
 
-    def view(self, group_name: str, like: torch.Tensor) -> torch.Tensor | None:
+    def view(self, group_name: str, like: torch.Tensor, agree: Callable[[bool], bool]) -> torch.Tensor | None:
         """A view of the shared buffer shaped like ``like``, or None if there is none yet and one cannot be made
-        now (inside a capture)."""
+        now (inside a capture, or on some rank). ``agree(ok)`` tells every rank of the group whether all are ok."""
         key = (group_name, like.device, like.dtype)
         held = self._held.get(key)
         if held is None:
             if torch.cuda.is_current_stream_capturing():
                 return None
-            held = self._allocate(group_name, like)
+            held = self._allocate(group_name, like, agree)
             if held is None:
                 return None
             self._held[key] = held
         return held[: like.numel()].view(like.shape)
 
-    def _allocate(self, group_name: str, like: torch.Tensor) -> torch.Tensor | None:
+    def _allocate(self, group_name: str, like: torch.Tensor, agree: Callable[[bool], bool]) -> torch.Tensor | None:
+        """Every rank allocates, then all agree before the rendezvous (collective): a rank that failed alone would
+        leave the others waiting there, or later in the kernel's barrier while it sums over NCCL."""
         from torch.distributed import _symmetric_memory as symm_mem
 
+        buffer, reason = None, "another rank of the group could not allocate a shared buffer"
         try:
             if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous in older PyTorch
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     symm_mem.enable_symm_mem_for_group(group_name)
             buffer = symm_mem.empty(_LARGEST // like.element_size(), dtype=like.dtype, device=like.device)
-            symm_mem.rendezvous(buffer, group_name)
         except Exception as error:  # no peer access, a PyTorch without symmetric memory: NCCL as before
-            self.unavailable = f"{type(error).__name__}: {error}"
-            _warn_unavailable(self.unavailable)
-            return None
-        return buffer
+            reason = f"{type(error).__name__}: {error}"
+        if agree(buffer is not None):
+            try:
+                symm_mem.rendezvous(buffer, group_name)
+                return buffer
+            except Exception as error:  # (a rendezvous that fails on one rank only can still hang the others)
+                reason = f"{type(error).__name__}: {error}"
+        self.unavailable = reason
+        _warn_unavailable(reason)
+        return None
 
 
 @functools.cache
@@ -86,6 +95,12 @@ class _DistWithOneShot:
 
     def __getattr__(self, name: str):
         return getattr(self._dist, name)
+
+    def _everyone(self, ok: bool, group, device: torch.device) -> bool:
+        """Whether ``ok`` holds on every rank of ``group`` (a minimum over NCCL, outside any capture)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
 
     @torch.compiler.disable
     def all_reduce(self, tensor, op=None, group=None, async_op=False):
@@ -116,7 +131,7 @@ class _DistWithOneShot:
         if dist.get_world_size(group) not in _WORLD_SIZES:
             return None
         group_name = group.group_name
-        shared = self._buffers.view(group_name, tensor)
+        shared = self._buffers.view(group_name, tensor, lambda ok: self._everyone(ok, group, tensor.device))
         return None if shared is None else (shared, group_name)
 
 

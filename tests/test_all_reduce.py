@@ -3,6 +3,7 @@ two GPUs only (tests/test_tensor_parallel.py asserts the captured steps took it 
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -79,19 +80,54 @@ def test_a_shared_buffer_is_made_once_at_full_size_and_never_replaced(monkeypatc
     one. Inside a capture no buffer can be made (the caller then keeps NCCL)."""
     made = []
 
-    def allocate(self, group_name, like):
+    def allocate(self, group_name, like, agree):
         made.append((group_name, like.dtype))
         return torch.zeros(_all_reduce._LARGEST // like.element_size(), dtype=like.dtype)
 
     monkeypatch.setattr(_all_reduce._Buffers, "_allocate", allocate)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build cannot say)
     buffers = _all_reduce._Buffers()
-    small = buffers.view("world", torch.ones(2, 4))
-    large = buffers.view("world", torch.ones(64, 1024))
+    everyone = lambda ok: ok  # noqa: E731 - one rank
+    small = buffers.view("world", torch.ones(2, 4), everyone)
+    large = buffers.view("world", torch.ones(64, 1024), everyone)
     assert small.shape == (2, 4) and large.shape == (64, 1024)
     assert small.data_ptr() == large.data_ptr() and made == [("world", torch.float32)]
-    buffers.view("world", torch.ones(8, dtype=torch.bfloat16))  # another dtype: its own buffer
+    buffers.view("world", torch.ones(8, dtype=torch.bfloat16), everyone)  # another dtype: its own buffer
     assert made == [("world", torch.float32), ("world", torch.bfloat16)]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert buffers.view("tp", torch.ones(4)) is None and len(made) == 2
-    assert buffers.view("world", torch.ones(4)).data_ptr() == small.data_ptr()  # made before: still served
+    assert buffers.view("tp", torch.ones(4), everyone) is None and len(made) == 2
+    assert buffers.view("world", torch.ones(4), everyone).data_ptr() == small.data_ptr()  # made before: served
+
+
+@pytest.mark.parametrize("here, elsewhere", [(True, True), (True, False), (False, True)])
+def test_ranks_agree_on_a_shared_buffer_before_the_rendezvous(here, elsewhere, monkeypatch):
+    """The rendezvous is collective: a rank that could not allocate (or whose peer could not) must not enter it,
+    and then every rank keeps NCCL, so no rank waits for a peer that sums elsewhere."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    calls = []
+
+    def empty(numel, dtype, device):
+        if not here:
+            raise RuntimeError("no peer access")
+        return torch.zeros(numel, dtype=dtype)
+
+    monkeypatch.setattr(symm_mem, "empty", empty)
+    monkeypatch.setattr(symm_mem, "rendezvous", lambda buffer, group_name: calls.append("rendezvous"))
+    monkeypatch.setattr(symm_mem, "enable_symm_mem_for_group", lambda group_name: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    asked = []
+
+    def agree(ok):
+        asked.append(ok)
+        return ok and elsewhere
+
+    buffers = _all_reduce._Buffers()
+    with pytest.warns(UserWarning) if not (here and elsewhere) else contextlib.nullcontext():
+        shared = buffers.view(f"group-{here}-{elsewhere}", torch.ones(4), agree)
+    assert asked == [here]  # every rank asks, whether or not it could allocate
+    if here and elsewhere:
+        assert shared is not None and calls == ["rendezvous"] and buffers.unavailable is None
+    else:
+        assert shared is None and calls == [] and buffers.unavailable  # NCCL from now on, on every rank
+        assert ("no peer access" in buffers.unavailable) == (not here)
