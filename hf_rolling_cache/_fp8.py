@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._layers import KVLayer, write_tokens
-from ._plan import PlanIndices, StepPlan
+from ._plan import PlanIndices
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
@@ -169,24 +169,13 @@ class Fp8KVLayer(KVLayer):
             codes_out.index_copy_(0, indices.write_slot, codes.view(torch.uint8))
             scales_out.index_copy_(0, indices.write_slot, scales)
 
-    def history_with(
-        self, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, indices: PlanIndices
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed keys and values of a later chunk: per sequence, its held tokens oldest first (dequantized to the
-        chunk's dtype), then the chunk's own (as computed: they are quantized only when written, after)."""
-        out = []
-        stored = ((self.slot_keys, self.key_scales, keys), (self.slot_values, self.value_scales, values))
-        for codes, scales, new in stored:
-            held = dequantize(
-                codes.flatten(0, 1).index_select(0, indices.gather_slot),
-                scales.flatten(0, 1).index_select(0, indices.gather_slot),
-                new.dtype,
-            )
-            packed = new.new_empty(plan.num_keys, *new.shape[1:])
-            packed.index_copy_(0, indices.gather_dest, held)
-            packed.index_copy_(0, indices.new_dest, new)
-            out.append(packed)
-        return out[0], out[1]
+    def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of flat storage rows ``rows``, dequantized to ``dtype`` (a later prefill chunk reads its
+        held tokens so; its own are quantized only when written, after)."""
+        return tuple(
+            dequantize(codes.flatten(0, 1).index_select(0, rows), scales.flatten(0, 1).index_select(0, rows), dtype)
+            for codes, scales in ((self.slot_keys, self.key_scales), (self.slot_values, self.value_scales))
+        )
 
     def attended(self, key_span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: the first ``key_span`` slots of every row, dequantized to the model's dtype,

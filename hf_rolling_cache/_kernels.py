@@ -28,7 +28,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import _masks
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -281,10 +280,9 @@ def attend_ring_fp8(
     inputs (then the caller dequantizes).
 
     Grouped query heads read their kv head through a stride-0 expansion (no copy), and the mask is the decode
-    mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid: the plan's
-    own for a ring, made here for a global layer whose storage is longer than what it holds, or, for a step
-    planned on the device (CUDA graphs), one whose key lengths are the step's device tensor
-    (`_masks.decode_mask_of`). The kernel takes float16 and bfloat16 queries; it refuses float32.
+    mask over all ``C`` slots of a row (the storage's row stride), the first ``kv_seqlens[b]`` valid, as the plan
+    gives it (``decode_mask_over``: for a step planned on the device, CUDA graphs, its key lengths are the step's
+    device tensor). The kernel takes float16 and bfloat16 queries; it refuses float32.
     """
     from xformers.ops.fmha import triton_splitk
 
@@ -297,11 +295,7 @@ def attend_ring_fp8(
         grouped = packed.reshape(1, batch * slots, kv_heads, 1, *packed.shape[3:])
         return grouped.expand(1, batch * slots, kv_heads, group, *packed.shape[3:])
 
-    if isinstance(plan, StepPlan):
-        mask = plan.mask(query.device) if slots == plan.key_span else _masks.decode_mask(
-            plan.kv_seqlens, slots, device=query.device)
-    else:  # a DeviceDecodePlan (CUDA graphs): the step's key lengths stay on the device
-        mask = _masks.decode_mask_of(plan.kv_seqlens_on(query.device), slots)
+    mask = plan.decode_mask_over(slots, query.device)  # a DeviceDecodePlan's key lengths stay on the device
     inputs = triton_splitk.InputsFp8(
         query=query.transpose(1, 2).reshape(1, batch, kv_heads, group, head_dim),  # [1, B * 1, G, H, K]
         key=per_group(key_codes),

@@ -148,14 +148,19 @@ class KVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed keys and values of a later chunk: per sequence, its held tokens oldest first (a ring unrotated),
         then the chunk's."""
-        flat_keys, flat_values = self.flat()
         out = []
-        for held, new in ((flat_keys, keys), (flat_values, values)):
+        for held, new in zip(self._gathered(indices.gather_slot, keys.dtype), (keys, values)):
             packed = new.new_empty(plan.num_keys, *new.shape[1:])
-            packed.index_copy_(0, indices.gather_dest, held.index_select(0, indices.gather_slot))
+            packed.index_copy_(0, indices.gather_dest, held)
             packed.index_copy_(0, indices.new_dest, new)
             out.append(packed)
         return out[0], out[1]
+
+    def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of flat storage rows ``rows``, as the attention reads them (``dtype``: the model's,
+        which a plain layer stores in)."""
+        flat_keys, flat_values = self.flat()
+        return flat_keys.index_select(0, rows), flat_values.index_select(0, rows)
 
     def attended(self, key_span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: the first ``key_span`` slots of every row, ``[B, key_span, H_kv, D]`` views."""

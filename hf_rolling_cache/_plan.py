@@ -145,6 +145,16 @@ class StepPlan:
             self._per_device[key] = bias
         return self._per_device[key]
 
+    def decode_mask_over(self, slots: int, device: torch.device) -> _masks.AttentionBias:
+        """Decode: the padded-keys mask over ``slots`` slots a row (a storage's row stride, which for a global layer
+        may exceed ``key_span``), the first ``kv_seqlens[b]`` valid; made once per step and device."""
+        if slots == self.key_span:
+            return self.mask(device)
+        key = ("decode_mask", slots, device)
+        if key not in self._per_device:
+            self._per_device[key] = _masks.decode_mask(self.kv_seqlens, slots, device=device)
+        return self._per_device[key]
+
     def decode_slots(self, device: torch.device) -> tuple[torch.Tensor, None]:
         """Decode: the flat ring rows written this step (every sequence has a token)."""
         return self.indices(device).write_slot, None
@@ -345,6 +355,11 @@ class DeviceDecodePlan:
                 held = held.clamp(max=self.window)
             self._per_device[key] = held.to(torch.int32)
         return self._per_device[key]
+
+    def decode_mask_over(self, slots: int, device: torch.device) -> _masks.AttentionBias:
+        """The padded-keys mask over ``slots`` slots a row, its key lengths this step's device tensor
+        (`kv_seqlens_on`), for xFormers' split-K kernel only (`_masks.decode_mask_of`)."""
+        return _masks.decode_mask_of(self.kv_seqlens_on(device), slots)
 
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
         """``[B, 1, 1, capacity]``: True for the slots each row attends over; ``None`` when every slot of every row
