@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import time
 import warnings
 import weakref
@@ -243,6 +244,21 @@ def _decode_graph(
     return graph
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while a step is captured. The collector runs at any allocation and may free an
+    earlier cache (a cache is in reference cycles) and so its CUDA graphs; a graph destroyed while another is being
+    captured invalidates that capture, and cuBLAS's next product in it fails (CUBLAS_STATUS_INTERNAL_ERROR). Garbage
+    waits for the next collection after the capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @functools.cache
 def _warn_eager(reason: str) -> None:
     warnings.warn(f"use_cuda_graphs: decode steps of this model run eagerly ({reason}).", stacklevel=4)
@@ -325,7 +341,7 @@ class _DecodeGraph:
                     finally:  # also when it raised: later eager steps must not overtake its writes
                         for d in devices:
                             torch.cuda.current_stream(d).wait_stream(side_stream(d))
-                with ledger.discarding():
+                with ledger.discarding(), _collector_paused():
                     capture = SegmentedCapture(ledger, device, placed)
                     try:
                         with capture.switching():

@@ -183,3 +183,43 @@ def test_graphs_stop_one_step_late_and_give_back_the_plain_loops_output(undone_s
                            model.generate(**follow, past_key_values=eager_cache))
     finally:
         release_cuda_graphs(model)
+
+
+def test_no_garbage_collection_while_a_step_is_captured():
+    """Python's collector runs at any allocation, and may free an earlier cache's CUDA graphs then: one destroyed
+    while another step is being captured invalidates that capture (cuBLAS failed mid-capture, in a model split over
+    two GPUs, about one generation in ten). With the collector's first threshold at one allocation it would run
+    inside every capture; the capture pauses it."""
+    import gc
+
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+
+    model = gpu_model(torch.float32)
+    model.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False,
+                   pad_token_id=0)
+    expected = model.generate(**options, past_key_values=rolling_cache(model))
+    collections = {"capturing": 0, "else": 0}
+
+    def count(phase, info):
+        if phase == "start":
+            collections["capturing" if torch.cuda.is_current_stream_capturing() else "else"] += 1
+
+    use_cuda_graphs(model)
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(count)
+    gc.set_threshold(1)
+    try:
+        for _ in range(2):  # the second capture runs with the first cache's graph as garbage
+            cache = rolling_cache(model)
+            got = model.generate(**options, past_key_values=cache)
+            assert cache.decode_graph is not None, "no decode step was replayed"
+            assert torch.equal(got, expected)
+            del cache
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(count)
+        release_cuda_graphs(model)
+    assert collections["else"] > 0, "the collector never ran: the threshold did not take"
+    assert collections["capturing"] == 0
