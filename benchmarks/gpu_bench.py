@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 from transformers import (
@@ -64,6 +65,8 @@ PATHS = {
     "rolling_graphs": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled_fp8": ("rolling_xformers", rolling_cache_fp8, "window"),
+    # compiled, but each q/k/v and gate/up product separate (as before `_fused`): the fusion's baseline
+    "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
@@ -167,7 +170,10 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     if path.startswith("rolling_graphs") and device.startswith("cuda"):
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
         hf_rolling_cache.release_cuda_graphs(model)
-        hf_rolling_cache.use_cuda_graphs(model, compile=path.startswith("rolling_graphs_compiled"))
+        compile = path.startswith("rolling_graphs_compiled")
+        unfused = mock.patch("hf_rolling_cache.graphs.fuse_groups", lambda *args: [])
+        with unfused if path.endswith("_unfused") else contextlib.nullcontext():
+            hf_rolling_cache.use_cuda_graphs(model, compile=compile)
     else:
         hf_rolling_cache.release_cuda_graphs(model)
     cache = make_cache(model, input_ids.shape[1] + new_tokens)

@@ -12,7 +12,8 @@ the model as before. Padding in a decode step is handled in the graph (a padded 
 
 With ``compile=True`` the captured step runs each decoder layer through ``torch.compile`` (regional compilation:
 one compiled code per layer class and kind, shared by its layers, as ``layer_idx`` is a tensor while swapped in),
-so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels. The cache's ``update`` and
+so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels, and each layer's q/k/v and
+gate/up projections are one weight product each (`_fused`). The cache's ``update`` and
 the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up; prefill always
 runs the eager modules.
@@ -41,6 +42,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces
+from ._fused import SameProducts, fuse_groups
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -55,9 +57,10 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
 
     Args:
         model: a causal LM using the "rolling_xformers" attention.
-        compile: also fuse each decoder layer's elementwise work with ``torch.compile`` before capturing. The
-            first decode step then takes a one-off warm-up (seconds to tens of seconds for a 7B model; see
-            ``cache.decode_graph_warmup_s``), and later steps are faster. Prefill is not compiled.
+        compile: also compile each decoder layer with ``torch.compile`` before capturing: its elementwise work
+            fused, and its q/k/v and gate/up products each computed as one (`_fused`). The first decode step then
+            takes a one-off warm-up (seconds for a 7B model; see ``cache.decode_graph_warmup_s``), and later steps
+            are faster. Prefill is not compiled.
     """
     if not torch.cuda.is_available():
         _warn_no_cuda()
@@ -120,6 +123,9 @@ def release_cuda_graphs(model: torch.nn.Module) -> None:
     for cache in list(getattr(model, _CACHES, ())):
         cache.decode_graph = None
     if hasattr(model, _ORIGINAL_FORWARD):
+        compiled = getattr(model, _COMPILED)
+        if compiled is not None:
+            compiled.release()  # after the graphs that read the fused weights are gone
         if getattr(model, _HAD_FORWARD):
             model.forward = getattr(model, _ORIGINAL_FORWARD)  # the forward it had (an Accelerate hook's)
         else:
@@ -149,7 +155,9 @@ class _CompiledLayers:
         if isinstance(norm, torch.nn.Module):
             modules.append(norm)
         self.modules = modules
-        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False) for m in modules]
+        self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
+        options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
+        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
         self._backend = backend
         self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
         # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
@@ -173,7 +181,11 @@ class _CompiledLayers:
         swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
         # What the instances held before (an Accelerate hook may have set its own forward): put back after.
         previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
-        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit)):
+        limits = torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
+        with limits, contextlib.ExitStack() as fused:
+            for group in self.groups:
+                if group.intact():  # a weight replaced since (model.to, a new Parameter): that group runs unfused
+                    fused.enter_context(group.swapped_in())
             for obj, name, replacement in swaps:
                 setattr(obj, name, replacement)
             try:
@@ -184,6 +196,12 @@ class _CompiledLayers:
                         delattr(obj, name)
                     else:
                         setattr(obj, name, held)
+
+    def release(self) -> None:
+        """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""
+        for group in self.groups:
+            group.separate()
+        self.groups = []
 
     def _compiled_writer(self, layer):
         """The compiled copy of ``layer``'s kind of decode write (one per kind, shared by its layers)."""

@@ -104,7 +104,7 @@ def test_generate_on_gpu_matches_sdpa_tokens_in_fp32():
 def test_cuda_graph_decoding_matches_eager(chunk, beams, compiled):
     """Replayed decode steps give the eager rolling path's tokens and logits (chunk 1: padded decode-shaped
     prefill steps go through the graph; beams: rows are reordered in place under the graph), with and without
-    the decoder layers compiled."""
+    the decoder layers compiled (their q/k/v and gate/up products fused)."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
 
     # fp32: both paths must pick the same tokens, and bf16 near-ties would let two SDPA kernels disagree

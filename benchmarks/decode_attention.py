@@ -1,0 +1,73 @@
+"""Decode attention over a full ring, one layer of Mistral-7B's shape (32 query heads over 8 kv heads of 128, W=4096,
+bf16), replayed as a CUDA graph of 32 calls: SDPA with grouped query heads (``enable_gqa``) against SDPA with each
+kv head's query heads packed as query rows (``[B, H_kv, G, D]``: one pass over a kv head's keys for its whole group),
+with and without the key mask, against the floor (the ring's bytes at the bandwidth of a large copy).
+
+    python -m benchmarks.decode_attention [--batch 1 8 32] [--json results/h100/decode_attention.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.fused_products import copy_bandwidth, replayed_ms
+
+HEADS, KV_HEADS, HEAD_DIM, WINDOW, LAYERS = 32, 8, 128, 4096, 32
+
+
+def attention(kind: str, query, keys, values, mask):
+    if kind == "gqa":
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    batch = query.shape[0]
+    packed = query.reshape(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+    return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask).reshape(batch, HEADS, 1, HEAD_DIM)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for batch in args.batch:
+        query = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        rings = [(torch.randn(batch, KV_HEADS, WINDOW, HEAD_DIM, dtype=torch.bfloat16, device="cuda"),
+                  torch.randn(batch, KV_HEADS, WINDOW, HEAD_DIM, dtype=torch.bfloat16, device="cuda"))
+                 for _ in range(LAYERS)]
+        mask = torch.ones(batch, 1, 1, WINDOW, dtype=torch.bool, device="cuda")
+        mask[:, :, :, -7:] = False  # a few slots unfilled: the masked kernel runs
+        floor_us = 1e6 * 2 * keys_bytes(rings[0][0]) / bandwidth
+        expected = {}
+        for masked in (False, True):
+            for kind in ("gqa", "packed"):
+                def step(kind=kind, masked=masked):
+                    for keys, values in rings:
+                        out = attention(kind, query, keys, values, mask if masked else None)
+                    return out
+
+                got = step()
+                if kind == "gqa":
+                    expected[masked] = got
+                error = (got.float() - expected[masked].float()).abs().max().item()
+                us = 1000 * replayed_ms(step) / LAYERS
+                rows.append(dict(batch=batch, kind=kind, masked=masked, us_per_layer=round(us, 2),
+                                 floor_us=round(floor_us, 2), max_diff_vs_gqa=error))
+                print(f"B={batch:<3} {kind:<6} {'masked  ' if masked else 'unmasked'} {us:7.2f} us per layer "
+                      f"(floor {floor_us:.2f} us, {100 * floor_us / us:.0f}%), max diff vs gqa {error:.2e}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+
+
+def keys_bytes(keys: torch.Tensor) -> int:
+    return keys.numel() * keys.element_size()
+
+
+if __name__ == "__main__":
+    main()

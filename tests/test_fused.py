@@ -1,0 +1,167 @@
+"""The fused q/k/v and gate/up products of the compiled decode step (`_fused`), on CPU: the parameters become views of
+one buffer per group with nothing else changed, the compiled step computes each group's product once (inductor) and
+gives the eager logits, a group whose weight was replaced since runs unfused, and release gives each parameter its
+own storage back. The captured graphs run in tests/test_gpu.py."""
+
+import warnings
+
+import pytest
+import torch
+
+import hf_rolling_cache
+from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache._fused import FusedGroup, fuse_groups
+from hf_rolling_cache.graphs import _CompiledLayers
+from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.families import build
+from tests.test_graphs import decode_logits
+
+WINDOW = 4
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_groups_become_views_of_one_buffer_and_eager_logits_stay_the_same():
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = dict(model.named_parameters())
+
+    groups = fuse_groups(model, list(model.model.layers))
+    assert [[type(p).__name__ for p in g.parts] for g in groups] == [["Linear"] * 3, ["Linear"] * 2] * 2
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        assert len({storage(attention.q_proj.weight), storage(attention.k_proj.weight),
+                    storage(attention.v_proj.weight)}) == 1
+        assert storage(mlp.gate_proj.weight) == storage(mlp.up_proj.weight) != storage(mlp.down_proj.weight)
+    assert dict(model.named_parameters()) == parameters  # the same Parameter objects
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model(input_ids=input_ids, attention_mask=attention_mask).logits, before)
+
+    for group in groups:
+        group.separate()
+    assert len({storage(p) for p in model.parameters()}) == len(list(model.parameters()))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_biases_are_fused_with_their_weights():
+    model = build("qwen2", WINDOW, seed=1)  # q/k/v with biases
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.bias is not None
+    bias = attention.k_proj.bias.clone()
+    group = next(g for g in fuse_groups(model, list(model.model.layers)) if attention.q_proj in g.parts)
+    assert group.bias is not None and storage(attention.k_proj.bias) == storage(group.bias)
+    assert torch.equal(attention.k_proj.bias, bias)
+
+
+def test_what_is_not_plain_stays_unfused():
+    _, model = model_pair(tiny_config(WINDOW, layers=3))
+    first, second, third = model.model.layers
+    first.self_attn.k_proj.register_forward_hook(lambda *args: None)  # someone's hook runs around it
+    second.mlp.up_proj.weight = second.mlp.gate_proj.weight  # tied to its sibling
+    third.self_attn.v_proj.weight.data = torch.zeros(32, 128)[:, :64]  # a view of a larger buffer
+    groups = fuse_groups(model, list(model.model.layers))
+    fused = [tuple(g.parts) for g in groups]
+    assert fused == [(first.mlp.gate_proj, first.mlp.up_proj),
+                     (second.self_attn.q_proj, second.self_attn.k_proj, second.self_attn.v_proj),
+                     (third.mlp.gate_proj, third.mlp.up_proj)]
+
+
+def test_inductor_computes_each_groups_product_once():
+    """Each part asks for its group's whole product; the compiled layer keeps one product per group: four a
+    layer (q/k/v, o, gate/up, down) instead of seven."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    compiled = _CompiledLayers(model)
+    (got, _, _), codes = run_and_get_code(decode_logits, model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    products = sum(code.count("extern_kernels.mm(") + code.count("extern_kernels.addmm(") for code in codes)
+    assert products == 4, products  # one compiled code serves both layers
+
+
+def test_a_group_whose_weight_was_replaced_runs_unfused():
+    """A weight replaced after fusing (a new Parameter, ``model.to``) leaves the group's buffer stale: the compiled
+    step must read the new weight, not the buffer."""
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    compiled = _CompiledLayers(model, backend="aot_eager")
+    k_proj = model.model.layers[1].self_attn.k_proj
+    k_proj.weight = torch.nn.Parameter(torch.randn_like(k_proj.weight))
+    assert [g.intact() for g in compiled.groups] == [True, True, False, True]
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 3)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 3, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_parts_compute_their_rows_only_while_swapped_in():
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    compiled = _CompiledLayers(model, backend="aot_eager")
+    cache = RollingSlidingWindowCache(config=model.config)
+    parts = [p for g in compiled.groups for p in g.parts]
+    buffers = {name for name, _ in model.named_buffers()}
+    with compiled.swapped_in(cache):
+        assert all("forward" in vars(part) for part in parts)
+        x = torch.randn(3, 64)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        torch.testing.assert_close(q_proj(x), x @ q_proj.weight.T, rtol=0, atol=1e-6)
+    assert not any("forward" in vars(part) for part in parts)
+    assert {name for name, _ in model.named_buffers()} == buffers
+    assert set(model.state_dict()) == set(model_pair(tiny_config(WINDOW, layers=1))[1].state_dict())
+
+
+def test_release_gives_each_parameter_its_own_storage(tmp_path):
+    """use_cuda_graphs(compile=True) fuses; saving meanwhile writes the same checkpoint; release separates."""
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: decode steps would run eagerly, but the fusion is done
+        hf_rolling_cache.use_cuda_graphs(model, compile=True)
+    q_proj, k_proj = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    assert storage(q_proj.weight) == storage(k_proj.weight)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    hf_rolling_cache.release_cuda_graphs(model)
+    assert storage(q_proj.weight) != storage(k_proj.weight)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_group_separated_twice_is_left_alone():
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    group = FusedGroup([model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.up_proj])
+    group.separate()
+    group.separate()
+    assert not group.intact()
+
+
+def test_tensor_parallel_shards_stay_unfused():
+    """Under ``tp_plan`` the weights are DTensors (a shard on each process), with no storage of their own to lay
+    out: they stay as they are (and counting the model's storages must not touch them)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        _, model = model_pair(tiny_config(WINDOW, layers=1))
+        layer = model.model.layers[0]
+        for part in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            part.weight = torch.nn.Parameter(distribute_tensor(part.weight.detach(), mesh, [Shard(0)]))
+        groups = fuse_groups(model, list(model.model.layers))
+        assert [tuple(g.parts) for g in groups] == [(layer.mlp.gate_proj, layer.mlp.up_proj)]
+    finally:
+        dist.destroy_process_group()
