@@ -49,49 +49,69 @@ class FusedGroup:
                 start = stop
 
     def intact(self) -> bool:
-        """Every part still reads its rows of the buffer, with no forward of its own: nothing replaced a weight
-        since (``model.to``, a new Parameter). If something did, the buffer is stale and must not be used."""
+        """Every part still reads exactly its rows of the buffer (weight and bias, or no bias as when fused), with
+        no forward of its own: nothing replaced or added a parameter since (``model.to``, a new Parameter). If
+        something did, the buffer is stale and must not be used."""
         if self.weight is None:
             return False
         for part, (start, stop) in zip(self.parts, self.rows):
             if "forward" in vars(part):
                 return False
-            held = [(part.weight, self.weight)] + ([(part.bias, self.bias)] if self.bias is not None else [])
-            for param, buffer in held:
-                rows = buffer[start:stop]
-                if param is None or param.data_ptr() != rows.data_ptr() or param.shape != rows.shape:
-                    return False
+            if not _view_of(part.weight, self.weight[start:stop]):
+                return False
+            if (part.bias is None) != (self.bias is None):
+                return False  # a bias added (or removed) since: the buffer has no (or another) bias
+            if self.bias is not None and not _view_of(part.bias, self.bias[start:stop]):
+                return False
         return True
 
     def separate(self) -> None:
-        """Give each part's parameters their own storage again (when still views of the buffer), and drop it."""
-        if self.intact():
-            with torch.no_grad():
-                for part in self.parts:
+        """Give each parameter still viewing the buffer its own storage again, and drop the buffer (a part whose
+        parameter was replaced since keeps the new one)."""
+        if self.weight is None:
+            return
+        with torch.no_grad():
+            for part, (start, stop) in zip(self.parts, self.rows):
+                if _view_of(part.weight, self.weight[start:stop]):
                     part.weight.data = part.weight.data.clone()
-                    if part.bias is not None:
-                        part.bias.data = part.bias.data.clone()
+                if self.bias is not None and _view_of(part.bias, self.bias[start:stop]):
+                    part.bias.data = part.bias.data.clone()
         self.weight = self.bias = None
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Each part computes the whole group's product and takes its rows (a graph input, registered as a buffer
-        on each part, so that one compiled code serves every layer)."""
-        for part, rows in zip(self.parts, self.rows):
-            part.register_buffer(_WEIGHT, self.weight, persistent=False)
-            part.register_buffer(_BIAS, self.bias, persistent=False)
-            part.fused_rows = rows
-            part.forward = types.MethodType(_rows_of_fused_product, part)
+        on each part, so that one compiled code serves every layer). Undone part by part, also after a failure
+        half way."""
+        swapped = []
         try:
+            for part, rows in zip(self.parts, self.rows):
+                swapped.append(part)
+                part.register_buffer(_WEIGHT, self.weight, persistent=False)
+                part.register_buffer(_BIAS, self.bias, persistent=False)
+                part.fused_rows = rows
+                part.forward = types.MethodType(_rows_of_fused_product, part)
             yield
         finally:
-            for part in self.parts:
-                del part._buffers[_WEIGHT], part._buffers[_BIAS], part.fused_rows, part.forward
+            for part in swapped:
+                for name in (_WEIGHT, _BIAS):
+                    part._buffers.pop(name, None)
+                    part._non_persistent_buffers_set.discard(name)
+                vars(part).pop("fused_rows", None)
+                vars(part).pop("forward", None)
 
 
-def _rows_of_fused_product(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
+    """``param`` is the view ``rows`` of the buffer: same place, shape, strides and dtype."""
+    return (
+        param is not None and _plain(param) and param.data_ptr() == rows.data_ptr() and param.shape == rows.shape
+        and param.stride() == rows.stride() and param.dtype == rows.dtype
+    )
+
+
+def _rows_of_fused_product(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     start, stop = self.fused_rows
-    return F.linear(x, getattr(self, _WEIGHT), getattr(self, _BIAS))[..., start:stop]
+    return F.linear(input, getattr(self, _WEIGHT), getattr(self, _BIAS))[..., start:stop]
 
 
 def fuse_groups(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[FusedGroup]:
@@ -140,7 +160,8 @@ def _plain(tensor: torch.Tensor) -> bool:
 
 class SameProducts(CustomGraphPass):
     """Inductor's post-grad pass that keeps one of identical products (and of the identical views that feed them):
-    a fused group's parts each ask for the same product of the same input. CSE of pure, deterministic ops only."""
+    a fused group's parts each ask for the same product of the same input. CSE of pure, deterministic ops only, on
+    the functional graph (inductor runs it before re-inplacing), and never of a tensor the graph returns."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
@@ -148,8 +169,8 @@ class SameProducts(CustomGraphPass):
                 aten.reshape.default, aten.permute.default, aten.t.default, aten.expand.default}
         first: dict[tuple, torch.fx.Node] = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in pure:
-                continue
+            if node.op != "call_function" or node.target not in pure or _returned(node):
+                continue  # a returned tensor stays its own (merged, two outputs would alias each other)
             key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
             if key in first:
                 node.replace_all_uses_with(first[key])
@@ -159,3 +180,7 @@ class SameProducts(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
+
+
+def _returned(node: torch.fx.Node) -> bool:
+    return any(user.op == "output" for user in node.users)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import time
 import warnings
 import weakref
@@ -124,14 +125,14 @@ def release_cuda_graphs(model: torch.nn.Module) -> None:
         cache.decode_graph = None
     if hasattr(model, _ORIGINAL_FORWARD):
         compiled = getattr(model, _COMPILED)
-        if compiled is not None:
-            compiled.release()  # after the graphs that read the fused weights are gone
         if getattr(model, _HAD_FORWARD):
             model.forward = getattr(model, _ORIGINAL_FORWARD)  # the forward it had (an Accelerate hook's)
         else:
             del model.forward  # the instance attribute; the class's forward shows through again
         for name in (_ORIGINAL_FORWARD, _COMPILED, _HAD_FORWARD, _CACHES):
             delattr(model, name)
+        if compiled is not None:
+            compiled.release()  # after the graphs that read the fused weights are gone, and the model is eager
 
 
 class _CompiledLayers:
@@ -183,9 +184,12 @@ class _CompiledLayers:
         previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
         limits = torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
         with limits, contextlib.ExitStack() as fused:
-            for group in self.groups:
-                if group.intact():  # a weight replaced since (model.to, a new Parameter): that group runs unfused
+            for group in list(self.groups):
+                if group.intact():
                     fused.enter_context(group.swapped_in())
+                else:  # a parameter replaced since (model.to, a new Parameter): that group runs unfused from now on
+                    group.separate()
+                    self.groups.remove(group)
             for obj, name, replacement in swaps:
                 setattr(obj, name, replacement)
             try:
@@ -244,7 +248,11 @@ def _decode_graph(
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
     graph = cache.decode_graph
     options = {k: v for k, v in kwargs.items() if k not in _TENSORS}
-    if graph is None or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
+    # Once per turn (eager steps ran since the last replay: a prefill, a new generate call), not at every step:
+    # a step captured before reads each weight where it was then.
+    new_turn = graph is not None and getattr(graph, "replayed_through", None) != cache.get_seq_length()
+    weights_moved = new_turn and getattr(graph, "weights", None) not in (None, _weight_addresses(model))
+    if graph is None or weights_moved or not graph.still_valid(cache, kwargs["input_ids"], options, compiled):
         cache.decode_graph = None
         step_forward = eager_forward
         if placement.split:  # Accelerate's hook on the top module would copy the logits back mid-capture
@@ -254,12 +262,21 @@ def _decode_graph(
         try:
             placed = placement.modules if placement.split else ()
             graph = _DecodeGraph(cache, step_forward, kwargs["input_ids"], options, compiled, placed)
+            graph.weights = _weight_addresses(model)
         except NotCapturable as reason:
             _warn_eager(str(reason))
             cache.decode_on_device = False  # plain eager steps, with every check of the host plans
             graph = _EagerSteps(eager_forward)
         cache.decode_graph = graph
     return graph
+
+
+def _weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
+    """Where the model's parameters and buffers are (a tensor-parallel shard's local tensor). If any moved since a
+    step was captured (a new Parameter, ``model.to``, ``load_state_dict(assign=True)``), the graph would read the
+    old place, freed or stale: the step is captured again."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple(getattr(t, "_local_tensor", t).data_ptr() for t in tensors)
 
 
 @contextlib.contextmanager
@@ -327,6 +344,8 @@ class _DecodeGraph:
         self.advance_after_replay = bool(placed)  # a split step's counters advance after its last segment
         self.rings_full = _rings_full(cache)  # captured without the sliding layers' key mask
         self._replays = 0
+        self.weights: tuple[int, ...] | None = None  # where the weights were at capture (`_weight_addresses`)
+        self.replayed_through: int | None = None
         cache.decode_on_device = True
         devices = sorted({device, *(d for _, d in placed)}, key=str)
 
@@ -423,6 +442,7 @@ class _DecodeGraph:
         if self.logits is not self._device_logits:
             self.logits.copy_(self._device_logits)
         cache.ledger.commit_replayed(advance=self.advance_after_replay)
+        self.replayed_through = cache.get_seq_length()  # a column count: the next call that finds another is a turn
         self._replays += 1
         if not self.rings_full and self._replays % _REFRESH_EVERY == 0:
             cache.ledger.counters.seen  # noqa: B018 - a small read: the host learns when every ring is full

@@ -69,7 +69,7 @@ def test_what_is_not_plain_stays_unfused():
     first, second, third = model.model.layers
     first.self_attn.k_proj.register_forward_hook(lambda *args: None)  # someone's hook runs around it
     second.mlp.up_proj.weight = second.mlp.gate_proj.weight  # tied to its sibling
-    third.self_attn.v_proj.weight.data = torch.zeros(32, 128)[:, :64]  # a view of a larger buffer
+    third.self_attn.v_proj.weight.data = torch.zeros(64 * 64)[: 32 * 64].view(32, 64)  # part of a larger buffer
     groups = fuse_groups(model, list(model.model.layers))
     fused = [tuple(g.parts) for g in groups]
     assert fused == [(first.mlp.gate_proj, first.mlp.up_proj),
@@ -93,17 +93,68 @@ def test_inductor_computes_each_groups_product_once():
 
 
 def test_a_group_whose_weight_was_replaced_runs_unfused():
-    """A weight replaced after fusing (a new Parameter, ``model.to``) leaves the group's buffer stale: the compiled
-    step must read the new weight, not the buffer."""
+    """A weight replaced after fusing, and after a compiled step ran (a new Parameter, as ``model.to`` or
+    ``load_state_dict(assign=True)`` make), leaves the group's buffer stale: the compiled step must read the new
+    weight, and the stale buffer is dropped."""
     _, model = model_pair(tiny_config(WINDOW, layers=2))
     compiled = _CompiledLayers(model, backend="aot_eager")
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    decode_logits(model, input_ids, attention_mask, 2, compiled)  # compiled with every group fused
     k_proj = model.model.layers[1].self_attn.k_proj
     k_proj.weight = torch.nn.Parameter(torch.randn_like(k_proj.weight))
+    stale = compiled.groups[2]
     assert [g.intact() for g in compiled.groups] == [True, True, False, True]
-    input_ids, attention_mask = ragged_batch([7, 2, 5])
     eager, _, _ = decode_logits(model, input_ids, attention_mask, 3)
     got, _, _ = decode_logits(model, input_ids, attention_mask, 3, compiled)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    assert stale not in compiled.groups and stale.weight is None
+    q_proj = model.model.layers[1].self_attn.q_proj  # separated from the dropped buffer, its own storage again
+    assert q_proj.weight.untyped_storage().nbytes() == q_proj.weight.numel() * q_proj.weight.element_size()
+
+
+def test_a_bias_added_after_fusing_is_not_dropped():
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    compiled = _CompiledLayers(model, backend="aot_eager")
+    k_proj = model.model.layers[0].self_attn.k_proj
+    k_proj.bias = torch.nn.Parameter(torch.randn(k_proj.out_features))
+    assert not compiled.groups[0].intact()
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_biased_groups_compiled_by_inductor_match_eager():
+    """Qwen2's q/k/v carry biases: the fused product is an addmm, kept once by the pass."""
+    model = build("qwen2", WINDOW, seed=1)
+    hf_rolling_cache.enable(model)
+    input_ids, attention_mask = ragged_batch([9, 2, 6], seed=3)
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, _CompiledLayers(model))
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_a_failed_swap_leaves_no_part_swapped():
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    attention = model.model.layers[0].self_attn
+    group = FusedGroup([attention.q_proj, attention.k_proj, attention.v_proj])
+    attention.k_proj._hf_rolling_cache_fused_weight = "in the way"  # register_buffer refuses the name
+    with pytest.raises(KeyError), group.swapped_in():
+        pass
+    for part in (attention.q_proj, attention.v_proj):
+        assert "forward" not in vars(part) and not part._buffers and not part._non_persistent_buffers_set
+
+
+def test_a_partly_replaced_group_separates_the_rest():
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    attention = model.model.layers[0].self_attn
+    group = FusedGroup([attention.q_proj, attention.k_proj, attention.v_proj])
+    new = torch.nn.Parameter(torch.randn_like(attention.q_proj.weight))
+    attention.q_proj.weight = new
+    group.separate()
+    assert attention.q_proj.weight is new
+    for part in (attention.k_proj, attention.v_proj):
+        assert part.weight.untyped_storage().nbytes() == part.weight.numel() * part.weight.element_size()
 
 
 def test_parts_compute_their_rows_only_while_swapped_in():

@@ -223,3 +223,41 @@ def test_no_garbage_collection_while_a_step_is_captured():
         release_cuda_graphs(model)
     assert collections["else"] > 0, "the collector never ran: the threshold did not take"
     assert collections["capturing"] == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_weight_replaced_between_turns_is_read_by_the_next_turn(compiled):
+    """A cache's captured step reads each weight where it was at capture. A weight replaced before the next turn on
+    the same cache (a new Parameter, as ``load_state_dict(assign=True)`` or ``model.to`` make; here the head and one
+    fused k projection) must be read there: the step is captured again. fp32, against the eager path on a copy
+    given the same weights."""
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+
+    model = gpu_model(torch.float32)
+    model.set_attn_implementation("rolling_xformers")
+    eager = copy.deepcopy(model)
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(max_new_tokens=WINDOW, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True)
+    use_cuda_graphs(model, compile=compiled)
+    try:
+        caches = {name: rolling_cache(model) for name in ("graphs", "eager")}
+        first = {name: m.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=caches[name],
+                                  **options) for name, m in (("graphs", model), ("eager", eager))}
+        assert torch.equal(first["graphs"].sequences, first["eager"].sequences)
+        generator = torch.Generator(device="cuda").manual_seed(7)
+        for m in (model, eager):
+            for name in ("lm_head", "model.layers.1.self_attn.k_proj"):
+                module = m.get_submodule(name)
+                module.weight = torch.nn.Parameter(
+                    torch.randn(module.weight.shape, generator=generator.manual_seed(7), device="cuda") * 0.05)
+        turn = torch.cat([first["eager"].sequences, torch.randint(1, 1000, (len(LENGTHS), 3), device="cuda")], 1)
+        mask = torch.cat([attention_mask, torch.ones_like(turn[:, attention_mask.shape[1]:])], dim=1)
+        second = {name: m.generate(input_ids=turn, attention_mask=mask, past_key_values=caches[name], **options)
+                  for name, m in (("graphs", model), ("eager", eager))}
+        assert caches["graphs"].decode_graph is not None, "no decode step was replayed"
+    finally:
+        release_cuda_graphs(model)
+    assert torch.equal(second["graphs"].sequences, second["eager"].sequences)
+    for ours, theirs in zip(second["graphs"].scores, second["eager"].scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
