@@ -4,7 +4,7 @@ A decode step reads every weight once, and a narrow product pays a launch, a tai
 own: on an H100, Mistral-7B's seven products a layer reach 81% of the copy bandwidth at batch 1, the four fused ones
 88% (`benchmarks/fused_products.py`). So `use_cuda_graphs(compile=True)` lays each group's weights out as rows of one
 buffer, the modules' own parameters becoming views of their rows (no second copy of the weights; eager calls, such
-as prefill, run exactly as before). Inside the compiled step each module of a group computes the product of its
+as prefill, multiply the same values with the same strides). Inside the compiled step each module of a group computes the product of its
 group's whole buffer and takes its rows; the compiler sees the same product of the same input two or three times and
 keeps one (`SameProducts`). `release_cuda_graphs` gives each parameter its own storage again.
 """
