@@ -171,7 +171,7 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
         hf_rolling_cache.release_cuda_graphs(model)
         compile = path.startswith("rolling_graphs_compiled")
-        unfused = mock.patch("hf_rolling_cache.graphs.fuse_groups", lambda *args: [])
+        unfused = mock.patch("hf_rolling_cache._compiled.fuse_groups", lambda *args: [])
         with unfused if path.endswith("_unfused") else contextlib.nullcontext():
             hf_rolling_cache.use_cuda_graphs(model, compile=compile)
     else:

@@ -34,14 +34,14 @@ def one_process(tiny: bool, batches: list[int]) -> dict:
 
     started = time.perf_counter()
     if tiny:
-        from hf_rolling_cache.graphs import _CompiledLayers
+        from hf_rolling_cache._compiled import CompiledLayers
         from hf_rolling_cache.tools.models import ragged_batch, tiny_mistral_config
         from transformers import MistralForCausalLM
 
         torch.manual_seed(0)
         model = MistralForCausalLM(tiny_mistral_config(4, layers=32)).eval()
         hf_rolling_cache.enable(model)
-        compiled = _CompiledLayers(model)
+        compiled = CompiledLayers(model)
         rows = []
         for batch in batches:
             input_ids, attention_mask = ragged_batch([7] * batch)

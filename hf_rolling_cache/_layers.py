@@ -70,7 +70,7 @@ class KVLayer(CacheLayerMixin):
     def values(self, value: torch.Tensor | None) -> None:
         self.slot_values = None if value is None else value.transpose(1, 2).contiguous()
 
-    decode_writer = staticmethod(write_tokens)  # an instance may hold a compiled copy (graphs._CompiledLayers)
+    decode_writer = staticmethod(write_tokens)  # an instance may hold a compiled copy (_compiled.CompiledLayers)
 
     def __init__(self, window: int | None, counters: Counters, capacity: int) -> None:
         super().__init__()

@@ -43,7 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces
-from ._fused import SameProducts, fuse_groups
+from ._compiled import CompiledLayers
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -70,7 +70,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
             return  # already on, as asked
         release_cuda_graphs(model)  # switch: caches re-capture their graph on their next decode step
     eager_forward = model.forward
-    compiled = _CompiledLayers(model) if compile else None
+    compiled = CompiledLayers(model) if compile else None
     _stop_check.install(replays_steps)
 
     placement = None  # where Accelerate runs the model's parts, read at the first decode step (after any dispatch)
@@ -135,92 +135,6 @@ def release_cuda_graphs(model: torch.nn.Module) -> None:
             compiled.release()  # after the graphs that read the fused weights are gone, and the model is eager
 
 
-class _CompiledLayers:
-    """The model's decoder layers and final norm, compiled for the captured decode step only.
-
-    ``torch.compile`` wraps each module's bound ``forward``; `swapped_in` installs those as instance attributes
-    for the warm-up and the capture, then puts back what was there, so every other call runs the user's modules
-    untouched.
-    """
-
-    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        layers = getattr(decoder, "layers", None)
-        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-            raise ValueError(
-                f"use_cuda_graphs(compile=True) compiles the decoder layers, but {type(model).__name__} has no "
-                "model.get_decoder().layers: use compile=False for this model."
-            )
-        modules = list(layers)
-        norm = getattr(decoder, "norm", None)
-        if isinstance(norm, torch.nn.Module):
-            modules.append(norm)
-        self.modules = modules
-        self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
-        options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
-        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
-        self._backend = backend
-        self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
-        # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
-        # specializes an int attribute of a module: one recompile per layer, most of a 7B model's warm-up. As a
-        # 0-d tensor it is a graph input instead, so every layer of a kind shares one compiled code (the cache's
-        # update turns it back into an int, eagerly).
-        self._layer_indices = [
-            (sub, torch.tensor(sub.layer_idx))
-            for m in modules for sub in m.modules() if type(getattr(sub, "layer_idx", None)) is int
-        ]
-
-    @contextlib.contextmanager
-    def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
-        """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
-        # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
-        # let it hold many entries instead of falling back to eager after the default 8.
-        limit = 8 * len(self.modules)
-        rings = list(cache.layers) if cache is not None else []
-        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
-        swaps += [(ring, "decode_writer", self._compiled_writer(ring)) for ring in rings]
-        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
-        # What the instances held before (an Accelerate hook may have set its own forward): put back after.
-        previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
-        limits = torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
-        with limits, contextlib.ExitStack() as fused:
-            for group in list(self.groups):
-                if group.intact():
-                    fused.enter_context(group.swapped_in())
-                else:  # a parameter replaced since (model.to, a new Parameter): that group runs unfused from now on
-                    group.separate()
-                    self.groups.remove(group)
-            for obj, name, replacement in swaps:
-                setattr(obj, name, replacement)
-            try:
-                yield
-            finally:
-                for (obj, name, _), held in zip(swaps, previous):
-                    if held is _UNSET:
-                        delattr(obj, name)
-                    else:
-                        setattr(obj, name, held)
-
-    def release(self) -> None:
-        """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""
-        for group in self.groups:
-            group.separate()
-        self.groups = []
-
-    def _compiled_writer(self, layer):
-        """The compiled copy of ``layer``'s kind of decode write (one per kind, shared by its layers)."""
-        writer = type(layer).decode_writer
-        if writer not in self._writers:
-            # Inductor drops a float16 round trip inside a fused kernel unless told to keep it: the 8-bit ring's
-            # codes would then be divided by the unrounded scale, not by the float16 one stored beside them.
-            options = {"emulate_precision_casts": True} if self._backend == "inductor" else None
-            self._writers[writer] = torch.compile(writer, backend=self._backend, dynamic=False, options=options)
-        return self._writers[writer]
-
-
-_UNSET = object()
-
-
 def _replayable(placement: Placement, cache, kwargs) -> bool:
     input_ids = kwargs.get("input_ids")
     if not isinstance(cache, RollingSlidingWindowCache) or input_ids is None or placement.offloaded:
@@ -243,7 +157,7 @@ _TENSORS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 
 
 def _decode_graph(
-    model, placement, cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: _CompiledLayers | None
+    model, placement, cache: RollingSlidingWindowCache, eager_forward, kwargs, compiled: CompiledLayers | None
 ) -> _DecodeGraph:
     cache.reserve(cache.get_seq_length() + 1)  # a global layer that grows gets new buffers: captured again below
     graph = cache.decode_graph
@@ -331,7 +245,7 @@ class _DecodeGraph:
         eager_forward,
         input_ids: torch.Tensor,
         options: dict,
-        compiled: _CompiledLayers | None = None,
+        compiled: CompiledLayers | None = None,
         placed: tuple[tuple[torch.nn.Module, torch.device], ...] = (),
     ):
         started = time.perf_counter()
@@ -404,7 +318,7 @@ class _DecodeGraph:
         return (*cache.ledger.step_buffers, *storage)
 
     def still_valid(
-        self, cache: RollingSlidingWindowCache, input_ids: torch.Tensor, options: dict, compiled: _CompiledLayers | None
+        self, cache: RollingSlidingWindowCache, input_ids: torch.Tensor, options: dict, compiled: CompiledLayers | None
     ) -> bool:
         return (
             cache.decode_on_device

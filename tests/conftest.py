@@ -122,3 +122,11 @@ def undone_steps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(_stop_check.DeferredForReplays, "finish", recorded)
     return undone
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's compiled code and counters emptied before and after (the compiled-layer tests count graphs)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -15,7 +15,7 @@ from hf_rolling_cache._fp8 import FP8, FP8_MAX, SCALE_MAX, SCALE_MIN, Fp8KVLayer
 from hf_rolling_cache._kernels import attend_ring, attend_ring_fp8, dense_attention
 from hf_rolling_cache._layers import KVLayer
 from hf_rolling_cache._plan import build_plan
-from hf_rolling_cache.graphs import _CompiledLayers
+from hf_rolling_cache._compiled import CompiledLayers
 from tests.conftest import model_pair, ragged_batch, tiny_config
 from tests.families import build
 
@@ -212,7 +212,7 @@ def compiled_write_equals_eager(layer, new, slots, keep, backend: str) -> None:
     check the codes and scales bit for bit against the eager write into a copy of the storage."""
     eager = [tensor.clone() for tensor in layer._flat_codes()]
     write_fp8_tokens(*eager, *new, slots, keep)
-    writer = _CompiledLayers(model_pair(tiny_config(2, layers=1))[1], backend=backend)._compiled_writer(layer)
+    writer = CompiledLayers(model_pair(tiny_config(2, layers=1))[1], backend=backend)._compiled_writer(layer)
     writer(*layer._flat_codes(), *new, slots, keep)
     for got, want in zip(layer._flat_codes(), eager):
         assert torch.equal(got, want)

@@ -10,8 +10,8 @@ import torch
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._fused import FusedGroup, fuse_groups
-from hf_rolling_cache.graphs import _CompiledLayers
 from tests.conftest import model_pair, ragged_batch, tiny_config
 from tests.families import build
 from tests.test_graphs import decode_logits
@@ -19,11 +19,7 @@ from tests.test_graphs import decode_logits
 WINDOW = 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def storage(tensor: torch.Tensor) -> int:
@@ -85,7 +81,7 @@ def test_inductor_computes_each_groups_product_once():
     _, model = model_pair(tiny_config(WINDOW, layers=2))
     input_ids, attention_mask = ragged_batch([7, 2, 5])
     eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
-    compiled = _CompiledLayers(model)
+    compiled = CompiledLayers(model)
     (got, _, _), codes = run_and_get_code(decode_logits, model, input_ids, attention_mask, 2, compiled)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
     products = sum(code.count("extern_kernels.mm(") + code.count("extern_kernels.addmm(") for code in codes)
@@ -97,7 +93,7 @@ def test_a_group_whose_weight_was_replaced_runs_unfused():
     ``load_state_dict(assign=True)`` make), leaves the group's buffer stale: the compiled step must read the new
     weight, and the stale buffer is dropped."""
     _, model = model_pair(tiny_config(WINDOW, layers=2))
-    compiled = _CompiledLayers(model, backend="aot_eager")
+    compiled = CompiledLayers(model, backend="aot_eager")
     input_ids, attention_mask = ragged_batch([7, 2, 5])
     decode_logits(model, input_ids, attention_mask, 2, compiled)  # compiled with every group fused
     k_proj = model.model.layers[1].self_attn.k_proj
@@ -114,7 +110,7 @@ def test_a_group_whose_weight_was_replaced_runs_unfused():
 
 def test_a_bias_added_after_fusing_is_not_dropped():
     _, model = model_pair(tiny_config(WINDOW, layers=1))
-    compiled = _CompiledLayers(model, backend="aot_eager")
+    compiled = CompiledLayers(model, backend="aot_eager")
     k_proj = model.model.layers[0].self_attn.k_proj
     k_proj.bias = torch.nn.Parameter(torch.randn(k_proj.out_features))
     assert not compiled.groups[0].intact()
@@ -130,7 +126,7 @@ def test_biased_groups_compiled_by_inductor_match_eager():
     hf_rolling_cache.enable(model)
     input_ids, attention_mask = ragged_batch([9, 2, 6], seed=3)
     eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
-    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, _CompiledLayers(model))
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, CompiledLayers(model))
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
 
 
@@ -159,7 +155,7 @@ def test_a_partly_replaced_group_separates_the_rest():
 
 def test_parts_compute_their_rows_only_while_swapped_in():
     _, model = model_pair(tiny_config(WINDOW, layers=1))
-    compiled = _CompiledLayers(model, backend="aot_eager")
+    compiled = CompiledLayers(model, backend="aot_eager")
     cache = RollingSlidingWindowCache(config=model.config)
     parts = [p for g in compiled.groups for p in g.parts]
     buffers = {name for name, _ in model.named_buffers()}

@@ -11,18 +11,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
-from hf_rolling_cache.graphs import _CompiledLayers
+from hf_rolling_cache._compiled import CompiledLayers
 from tests.conftest import model_pair, ragged_batch, tiny_config
 from tests.families import FAMILIES, build
 
 WINDOW = 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @torch.no_grad()
@@ -52,7 +48,7 @@ def test_compiled_layers_match_eager_and_break_at_the_cache_and_attention():
     eager, sequences, full_mask = decode_logits(model, input_ids, attention_mask, steps)
 
     torch._dynamo.utils.counters.clear()
-    compiled = _CompiledLayers(model, backend="aot_eager")
+    compiled = CompiledLayers(model, backend="aot_eager")
     got, _, _ = decode_logits(model, input_ids, attention_mask, steps, compiled)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
     expected = reference(input_ids=sequences, attention_mask=full_mask).logits[:, -steps:]
@@ -79,7 +75,7 @@ def test_one_compiled_code_serves_every_layer():
         _, model = model_pair(tiny_config(WINDOW, layers=layers))
         input_ids, attention_mask = ragged_batch([7, 2, 5])
         eager, _, _ = decode_logits(model, input_ids, attention_mask, 3)
-        got, _, _ = decode_logits(model, input_ids, attention_mask, 3, _CompiledLayers(model, backend="aot_eager"))
+        got, _, _ = decode_logits(model, input_ids, attention_mask, 3, CompiledLayers(model, backend="aot_eager"))
         torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
         graphs[layers] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert not torch._dynamo.utils.counters["recompiles"], dict(torch._dynamo.utils.counters["recompiles"])
@@ -93,7 +89,7 @@ def test_compiled_layers_of_every_family_match_eager(name):
     model = build(name, WINDOW, seed=1)
     hf_rolling_cache.enable(model)
     try:
-        compiled = _CompiledLayers(model, backend="aot_eager")
+        compiled = CompiledLayers(model, backend="aot_eager")
     except ValueError:
         pytest.skip("no model.get_decoder().layers: compile=True refuses it")
     input_ids, attention_mask = ragged_batch([9, 2, 6], seed=3)
@@ -105,7 +101,7 @@ def test_compiled_layers_of_every_family_match_eager(name):
 def test_compiled_layers_are_installed_only_while_swapped_in():
     _, model = model_pair(tiny_config(WINDOW, layers=2))
     cache = RollingSlidingWindowCache(config=model.config)
-    compiled = _CompiledLayers(model, backend="aot_eager")
+    compiled = CompiledLayers(model, backend="aot_eager")
     assert compiled.modules == [*model.model.layers, model.model.norm]
     with compiled.swapped_in(cache):
         assert all("forward" in vars(module) for module in compiled.modules)
@@ -141,7 +137,7 @@ def test_compiled_ring_write_keeps_padded_rows():
     expected = [ring.clone() for ring in rings]
     for ring, tokens in zip(expected, new):
         ring[slots[keep.view(-1)]] = tokens[keep.view(-1)]
-    compiled = _CompiledLayers(model_pair(tiny_config(WINDOW, layers=1))[1], backend="aot_eager")
+    compiled = CompiledLayers(model_pair(tiny_config(WINDOW, layers=1))[1], backend="aot_eager")
     ring_layer = RollingSlidingWindowCache(window=WINDOW, num_layers=1).layers[0]
     compiled._compiled_writer(ring_layer)(*rings, *new, slots, keep)
     for got, want in zip(rings, expected):
@@ -155,7 +151,7 @@ def test_use_cuda_graphs_switches_compile_on_and_releases():
     assert model._hf_rolling_cache_compiled_layers is None
     use_cuda_graphs(model, compile=True)  # switches
     compiled = model._hf_rolling_cache_compiled_layers
-    assert isinstance(compiled, _CompiledLayers)
+    assert isinstance(compiled, CompiledLayers)
     use_cuda_graphs(model, compile=True)  # already so: kept
     assert model._hf_rolling_cache_compiled_layers is compiled
     use_cuda_graphs(model)  # and back

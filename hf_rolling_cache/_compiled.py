@@ -1,0 +1,98 @@
+"""The compiled decoder layers of `use_cuda_graphs(model, compile=True)`: each layer's forward through
+``torch.compile``, its q/k/v and gate/up products fused (`_fused`), installed only while a decode step is warmed up
+and captured (`CompiledLayers.swapped_in`), so every other call runs the user's modules untouched."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._fused import SameProducts, fuse_groups
+from .cache import RollingSlidingWindowCache
+
+
+class CompiledLayers:
+    """The model's decoder layers and final norm, compiled for the captured decode step only.
+
+    ``torch.compile`` wraps each module's bound ``forward``; `swapped_in` installs those as instance attributes
+    for the warm-up and the capture, then puts back what was there, so every other call runs the user's modules
+    untouched.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+            raise ValueError(
+                f"use_cuda_graphs(compile=True) compiles the decoder layers, but {type(model).__name__} has no "
+                "model.get_decoder().layers: use compile=False for this model."
+            )
+        modules = list(layers)
+        norm = getattr(decoder, "norm", None)
+        if isinstance(norm, torch.nn.Module):
+            modules.append(norm)
+        self.modules = modules
+        self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
+        options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
+        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
+        self._backend = backend
+        self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
+        # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
+        # specializes an int attribute of a module: one recompile per layer, most of a 7B model's warm-up. As a
+        # 0-d tensor it is a graph input instead, so every layer of a kind shares one compiled code (the cache's
+        # update turns it back into an int, eagerly).
+        self._layer_indices = [
+            (sub, torch.tensor(sub.layer_idx))
+            for m in modules for sub in m.modules() if type(getattr(sub, "layer_idx", None)) is int
+        ]
+
+    @contextlib.contextmanager
+    def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
+        """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
+        # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
+        # let it hold many entries instead of falling back to eager after the default 8.
+        limit = 8 * len(self.modules)
+        rings = list(cache.layers) if cache is not None else []
+        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
+        swaps += [(ring, "decode_writer", self._compiled_writer(ring)) for ring in rings]
+        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
+        # What the instances held before (an Accelerate hook may have set its own forward): put back after.
+        previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
+        limits = torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
+        with limits, contextlib.ExitStack() as fused:
+            for group in list(self.groups):
+                if group.intact():
+                    fused.enter_context(group.swapped_in())
+                else:  # a parameter replaced since (model.to, a new Parameter): that group runs unfused from now on
+                    group.separate()
+                    self.groups.remove(group)
+            for obj, name, replacement in swaps:
+                setattr(obj, name, replacement)
+            try:
+                yield
+            finally:
+                for (obj, name, _), held in zip(swaps, previous):
+                    if held is _UNSET:
+                        delattr(obj, name)
+                    else:
+                        setattr(obj, name, held)
+
+    def release(self) -> None:
+        """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""
+        for group in self.groups:
+            group.separate()
+        self.groups = []
+
+    def _compiled_writer(self, layer):
+        """The compiled copy of ``layer``'s kind of decode write (one per kind, shared by its layers)."""
+        writer = type(layer).decode_writer
+        if writer not in self._writers:
+            # Inductor drops a float16 round trip inside a fused kernel unless told to keep it: the 8-bit ring's
+            # codes would then be divided by the unrounded scale, not by the float16 one stored beside them.
+            options = {"emulate_precision_casts": True} if self._backend == "inductor" else None
+            self._writers[writer] = torch.compile(writer, backend=self._backend, dynamic=False, options=options)
+        return self._writers[writer]
+
+
+_UNSET = object()
