@@ -14,7 +14,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fused_products import copy_bandwidth, replayed_ms
+from benchmarks.fused_products import replayed_ms
+from benchmarks.profile_decode import read_bandwidth
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW, LAYERS = 32, 8, 128, 4096, 32
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--json")
     args = parser.parse_args()
-    bandwidth = copy_bandwidth()
+    bandwidth = read_bandwidth(1.0)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for batch in args.batch:

@@ -18,21 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.profile_decode import read_bandwidth
+
 HIDDEN, HEADS_DIM, KV_DIM, INTERMEDIATE, LAYERS = 4096, 4096, 1024, 14336, 32
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second read and written by a large device copy (the floor's rate)."""
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    return 2 * source.numel() * 20 / (time.perf_counter() - start)
 
 
 def layer_weights(tp: int, fused: bool) -> list[dict[str, torch.Tensor]]:
@@ -101,7 +89,7 @@ def main() -> None:
                         help="also the fused products through torch.compile(mode='max-autotune-no-cudagraphs')")
     parser.add_argument("--json")
     args = parser.parse_args()
-    bandwidth = copy_bandwidth()
+    bandwidth = read_bandwidth(1.0)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for tp in args.tp:
