@@ -41,7 +41,7 @@ from transformers import (
 )
 
 import hf_rolling_cache
-from hf_rolling_cache import RollingSlidingWindowCache, _all_reduce
+from hf_rolling_cache import RollingSlidingWindowCache, _all_reduce, _kernels
 from hf_rolling_cache.tools.memory import cache_bytes
 from hf_rolling_cache.tools.models import tiny_mistral_config
 
@@ -67,6 +67,8 @@ PATHS = {
     "rolling_graphs_compiled_fp8": ("rolling_xformers", rolling_cache_fp8, "window"),
     # compiled, but each q/k/v and gate/up product separate (as before `_fused`): the fusion's baseline
     "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, decode attention by SDPA after a separate ring write (as before `_ring_decode`): the kernels' baseline
+    "rolling_graphs_compiled_sdpa": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
@@ -180,7 +182,11 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     chunk_size = model.config.sliding_window if chunk == "window" else None
     sync(device)
     start = time.perf_counter()
-    with _all_reduce.nccl_only() if path.endswith("_nccl") else contextlib.nullcontext():
+    with contextlib.ExitStack() as options:
+        if path.endswith("_nccl"):
+            options.enter_context(_all_reduce.nccl_only())
+        if path.endswith("_sdpa"):
+            options.enter_context(_kernels.ring_decode_kernel(False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        prefill_chunk_size=chunk_size, pad_token_id=0,

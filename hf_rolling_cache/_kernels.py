@@ -4,10 +4,12 @@
   memory-efficient attention in its 5-D grouped layout (no copy of K/V per query head), with the operator chosen
   once per mask type rather than dispatched on every call; elsewhere, or where xFormers cannot run, an exact
   float32 computation from the materialized mask (the oracle the tests also use).
-- Decode, one query per sequence against its ring ``[B, W, H_kv, D]``: PyTorch's scaled_dot_product_attention with
-  the decode mask's per-sequence key lengths as a key-padding mask (the same semantics as
-  ``BlockDiagonalCausalWithOffsetPaddedKeysMask``; several times faster than xFormers' padded-keys call at B=1),
-  on every device, so CPU tests run the very code the GPU runs.
+- Decode, one query per sequence against its ring ``[B, W, H_kv, D]``: on CUDA, where Triton is installed, our own
+  split-K kernels (`_ring_decode`), which also write the step's token (the decode mask's semantics: each row's
+  first ``kv_seqlens[b]`` slots, as ``BlockDiagonalCausalWithOffsetPaddedKeysMask``); elsewhere, or for a ring with
+  slack, the step's write and then PyTorch's scaled_dot_product_attention with a key-padding mask (several times
+  faster than xFormers' padded-keys call at B=1). CPU tests run both: SDPA as it runs, the Triton kernels through
+  Triton's interpreter.
 - Decode over an 8-bit ring (`_fp8.Fp8KVLayer`): by default the ring is dequantized and read as above (exact, every
   device). On CUDA, where xFormers' Triton split-K kernel runs, `attend_ring_fp8` instead hands it the codes and
   scales, which it dequantizes as it reads them (the same float16 arithmetic, so the same keys and values).
@@ -99,17 +101,40 @@ class _Fp8Decode:
 _fp8_decode = _Fp8Decode()
 
 
+class _RingDecode:
+    """Whether decode steps on CUDA use our Triton kernels (`_ring_decode`): on unless switched off
+    (`exact_kernels`, `ring_decode_kernel`). ``devices``: the device types they run on (tests add "cpu", where
+    Triton's interpreter runs them)."""
+
+    enabled = True
+    devices = ("cuda",)
+
+
+_ring_decode = _RingDecode()
+
+
 @contextlib.contextmanager
-def exact_kernels() -> Iterator[None]:
-    """Use the exact dense kernel for prefill phases even on CUDA, and dequantize 8-bit rings for decode (to
-    compare the paths). A decode step captured earlier (`use_cuda_graphs`) replays the kernels it was captured
-    with: release the graphs first to compare captured steps."""
-    previous = _xformers.enabled, _fp8_decode.enabled
-    _xformers.enabled = _fp8_decode.enabled = False
+def ring_decode_kernel(enabled: bool) -> Iterator[None]:
+    """Decode with (True) or without (False: the write, then SDPA) the Triton kernels inside the block; a step
+    captured earlier replays what it was captured with."""
+    previous, _ring_decode.enabled = _ring_decode.enabled, enabled
     try:
         yield
     finally:
-        _xformers.enabled, _fp8_decode.enabled = previous
+        _ring_decode.enabled = previous
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Use the exact dense kernel for prefill phases even on CUDA, decode with a separate write and SDPA, and
+    dequantize 8-bit rings (to compare the paths). A decode step captured earlier (`use_cuda_graphs`) replays the
+    kernels it was captured with: release the graphs first to compare captured steps."""
+    previous = _xformers.enabled, _fp8_decode.enabled, _ring_decode.enabled
+    _xformers.enabled = _fp8_decode.enabled = _ring_decode.enabled = False
+    try:
+        yield
+    finally:
+        _xformers.enabled, _fp8_decode.enabled, _ring_decode.enabled = previous
 
 
 def attend_packed(
@@ -255,6 +280,35 @@ def _ring_products(query, ring_keys, ring_values, key_mask, scaling, softcap, si
         scores = scores + bias.float().view(batch, 1, 1, 1, -1)
     out = torch.einsum("bhgqs,bshd->bqhgd", _probabilities(scores, sinks), ring_values.float())
     return out.reshape(batch, 1, query_heads, ring_values.shape[-1]).to(query.dtype)
+
+
+def ring_kernel_applies(query: torch.Tensor, layer, plan, softcap: float | None, sinks: torch.Tensor | None) -> bool:
+    """Whether a decode step writes and attends with our Triton kernels (`_ring_decode`): on CUDA with Triton, for
+    batches whose rows' kv heads do not fill the GPU alone (the kernels split each row's slots; SDPA reads a large
+    batch as fast), a layer of the model's dtype (an 8-bit ring has its own path), no score cap or sinks, over a
+    prefix of each row's slots (a ring without slack, or a global layer), head sizes up to 256."""
+    if not (query.device.type in _ring_decode.devices and _ring_decode.enabled and softcap is None and sinks is None):
+        return False
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or layer.slot_keys.dtype != query.dtype:
+        return False
+    if plan.window is not None and plan.capacity != plan.window:
+        return False
+    if max(query.shape[-1], layer.slot_values.shape[-1]) > 256 or not _ring_decode_module().kernel_available():
+        return False
+    return _ring_decode_module().splits_rows(query.shape[0], layer.slot_keys.shape[2], query.device)
+
+
+def ring_attention(query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling):
+    """`_ring_decode.ring_attention` (Triton imported on first use)."""
+    return _ring_decode_module().ring_attention(
+        query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling
+    )
+
+
+def _ring_decode_module():
+    from . import _ring_decode
+
+    return _ring_decode
 
 
 def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:

@@ -159,6 +159,14 @@ class StepPlan:
         """Decode: the flat ring rows written this step (every sequence has a token)."""
         return self.indices(device).write_slot, None
 
+    def kv_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        """Decode: ``kv_seqlens`` as a ``[B]`` int32 tensor on ``device`` (a kernel that takes key lengths: a ring
+        without slack, or a global layer, holds each row's keys in its first ``kv_seqlens[b]`` slots)."""
+        key = ("kv_seqlens", device)
+        if key not in self._per_device:
+            self._per_device[key] = torch.tensor(self.kv_seqlens, dtype=torch.int32, device=device)
+        return self._per_device[key]
+
     def key_padding(self, device: torch.device) -> torch.Tensor | None:
         """Decode: ``[B, 1, 1, key_span]``, True for the slots that hold a position in each sequence's window (the
         decode mask's ``kv_seqlen``, read through the ring formula); ``None`` when every slot does."""

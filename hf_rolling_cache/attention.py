@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 from ._fp8 import Fp8KVLayer
-from ._kernels import attend_packed, attend_ring, attend_ring_fp8, fp8_kernel_applies
+from ._kernels import attend_packed, attend_ring, attend_ring_fp8, fp8_kernel_applies, ring_attention, ring_kernel_applies
 from ._layers import StagedKV
 from ._plan import DeviceDecodePlan, Phase, StepPlan, build_plan, query_layout
 from ._step import clock
@@ -215,8 +215,12 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
     plan = attention_mask.plan_for(cache, layer)
     if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over its filled slots
         slots, keep = plan.decode_slots(query.device)
-        layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
-        out = _attend_decode(query, layer, plan, scaling, extras)
+        if ring_kernel_applies(query, layer, plan, extras.softcap, extras.sinks):  # the write inside the kernel
+            out = ring_attention(query, new_keys[:, :, 0], new_values[:, :, 0], layer.slot_keys, layer.slot_values,
+                                 slots, keep, plan.kv_seqlens_on(query.device), plan.key_span, scaling)
+        else:
+            layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
+            out = _attend_decode(query, layer, plan, scaling, extras)
         cache.ledger.layer_written(plan, layer_idx)
         return out, None
 
