@@ -299,10 +299,19 @@ def ring_kernel_applies(query: torch.Tensor, layer, plan, softcap: float | None,
 
 
 def ring_attention(query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling):
-    """`_ring_decode.ring_attention` (Triton imported on first use)."""
-    return _ring_decode_module().ring_attention(
-        query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling
-    )
+    """`_ring_decode.ring_attention` (Triton imported on first use), or ``None`` where Triton cannot compile the
+    kernels for this GPU (then they are switched off, with a warning, and the caller writes and attends with SDPA:
+    a kernel that failed to compile never launched, so nothing was written)."""
+    module = _ring_decode_module()
+    try:
+        return module.ring_attention(
+            query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling
+        )
+    except module.compile_errors() as error:
+        _ring_decode.enabled = False
+        logger.warning("Triton could not build the decode kernels for this GPU (%s: %s); decoding with SDPA instead.",
+                       type(error).__name__, error)
+        return None
 
 
 def _ring_decode_module():

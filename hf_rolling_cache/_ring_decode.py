@@ -155,6 +155,17 @@ def kernel_available() -> bool:
     return triton is not None
 
 
+def compile_errors() -> tuple[type[Exception], ...]:
+    """What Triton raises when it cannot build a kernel for this GPU (its compiler, ptxas, or too little shared
+    memory), as opposed to a fault in a launched kernel."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    return (CompilationError, errors.OutOfResources) + tuple(
+        error for error in (getattr(errors, "PTXASError", None),) if error is not None
+    )
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """The GPU's multiprocessors; on CPU (Triton's interpreter, in tests) a pretend 16, so small rings split."""

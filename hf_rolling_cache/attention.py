@@ -215,10 +215,11 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
     plan = attention_mask.plan_for(cache, layer)
     if plan.phase is Phase.DECODE:  # one token per sequence: write it, then attend over its filled slots
         slots, keep = plan.decode_slots(query.device)
+        out = None
         if ring_kernel_applies(query, layer, plan, extras.softcap, extras.sinks):  # the write inside the kernel
             out = ring_attention(query, new_keys[:, :, 0], new_values[:, :, 0], layer.slot_keys, layer.slot_values,
                                  slots, keep, plan.kv_seqlens_on(query.device), plan.key_span, scaling)
-        else:
+        if out is None:  # (or Triton could not build the kernels here)
             layer.write_decode(new_keys[:, :, 0], new_values[:, :, 0], slots, keep)
             out = _attend_decode(query, layer, plan, scaling, extras)
         cache.ledger.layer_written(plan, layer_idx)

@@ -155,3 +155,36 @@ def test_hybrid_models_decode_their_global_layers_with_the_kernels(kernel_calls,
     got.sequences, got.scores = got.sequences.cpu(), [scores.cpu() for scores in got.scores]
     assert_same(got, reference_run(name))
     assert kernel_calls, "no decode step went through the kernels"
+
+
+def test_a_gpu_triton_cannot_build_for_decodes_with_sdpa_and_says_so(monkeypatch, caplog):
+    """Triton refusing to build the kernels (here: too little shared memory) switches them off with a warning,
+    and that step and every later one write and attend with SDPA: Transformers' tokens all the same."""
+    from triton.runtime.errors import OutOfResources
+
+    from tests.test_generation import models, reference_run
+
+    attempts = []
+
+    def refused(*args):
+        attempts.append(1)
+        raise OutOfResources(232448, 101376, "shared memory")
+
+    monkeypatch.setattr(_kernels._ring_decode, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(_kernels._ring_decode, "enabled", True)
+    monkeypatch.setattr(_ring_decode, "ring_attention", refused)
+    window, lengths = 4, (37, 2, 19, 64)
+    _, rolling = models(window)
+    input_ids, attention_mask = ragged_batch(list(lengths), seed=len(lengths))
+    with caplog.at_level("WARNING", logger="hf_rolling_cache._kernels"):
+        got = rolling.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * window + 2, do_sample=False,
+            past_key_values=RollingSlidingWindowCache(config=rolling.config), output_scores=True,
+            return_dict_in_generate=True, pad_token_id=0,
+        )
+    expected = reference_run(window, lengths)
+    assert attempts == [1] and not _kernels._ring_decode.enabled
+    assert "could not build the decode kernels" in caplog.text and "decoding with SDPA" in caplog.text
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
