@@ -108,6 +108,7 @@ class _RingDecode:
 
     enabled = True
     devices = ("cuda",)
+    unbuildable = False  # Triton could not build them for this GPU (then off for the process, whatever `enabled` says)
 
 
 _ring_decode = _RingDecode()
@@ -287,7 +288,8 @@ def ring_kernel_applies(query: torch.Tensor, layer, plan, softcap: float | None,
     batches whose rows' kv heads do not fill the GPU alone (the kernels split each row's slots; SDPA reads a large
     batch as fast), a layer of the model's dtype (an 8-bit ring has its own path), no score cap or sinks, over a
     prefix of each row's slots (a ring without slack, or a global layer), head sizes up to 256."""
-    if not (query.device.type in _ring_decode.devices and _ring_decode.enabled and softcap is None and sinks is None):
+    if not (query.device.type in _ring_decode.devices and _ring_decode.enabled and not _ring_decode.unbuildable
+            and softcap is None and sinks is None):
         return False
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or layer.slot_keys.dtype != query.dtype:
         return False
@@ -300,15 +302,16 @@ def ring_kernel_applies(query: torch.Tensor, layer, plan, softcap: float | None,
 
 def ring_attention(query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling):
     """`_ring_decode.ring_attention` (Triton imported on first use), or ``None`` where Triton cannot compile the
-    kernels for this GPU (then they are switched off, with a warning, and the caller writes and attends with SDPA:
-    a kernel that failed to compile never launched, so nothing was written)."""
+    kernels for this GPU: then they are switched off for the process, with a warning, and the caller writes and
+    attends with SDPA (if the first kernel ran before the second failed to build, it wrote the same values the
+    caller's write then writes again, and its partial results are dropped)."""
     module = _ring_decode_module()
     try:
         return module.ring_attention(
             query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling
         )
     except module.compile_errors() as error:
-        _ring_decode.enabled = False
+        _ring_decode.unbuildable = True
         logger.warning("Triton could not build the decode kernels for this GPU (%s: %s); decoding with SDPA instead.",
                        type(error).__name__, error)
         return None

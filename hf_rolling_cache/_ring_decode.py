@@ -41,9 +41,10 @@ except ImportError:  # CPU installs without Triton: SDPA decodes
 
 # How the kernels are launched (chosen on an H100 by `benchmarks.decode_attention`'s grid, 7B shape, B=1/8/32): a
 # row's slots are split until the grid holds about ``programs_per_sm`` programs per multiprocessor, in chunks of at
-# least ``min_chunk`` slots, and not at all once the rows' kv heads alone fill the GPU; ``block``: slots per inner
+# least ``min_chunk`` slots and at most ``max_splits`` of them, and not at all once the rows' kv heads alone fill
+# the GPU; ``block``: slots per inner
 # step (None: `block_slots`); Triton's warps and pipeline stages.
-_CONFIG = {"programs_per_sm": 4, "min_chunk": 256, "block": None, "num_warps": 8, "num_stages": 3}
+_CONFIG = {"programs_per_sm": 4, "min_chunk": 256, "max_splits": 64, "block": None, "num_warps": 8, "num_stages": 3}
 
 
 if tl is not None:
@@ -60,7 +61,7 @@ if tl is not None:
     ):
         split = tl.program_id(0)
         head = tl.program_id(1)  # the kv head
-        row = tl.program_id(2)
+        row = tl.program_id(2).to(tl.int64)  # row offsets pass 2**31 elements in large caches
         splits = tl.num_programs(0)
         kv_heads = tl.num_programs(1)
 
@@ -187,11 +188,12 @@ def block_slots(head_dim: int) -> int:
 def split_count(batch: int, kv_heads: int, key_span: int, block: int, device: torch.device) -> tuple[int, int]:
     """How many chunks a row's ``key_span`` slots are split into, and each chunk's slots (a multiple of ``block``):
     enough programs to fill the GPU (none when ``batch * kv_heads`` programs already do), no chunk shorter than
-    ``min_chunk`` slots or one block."""
+    ``min_chunk`` slots or one block, at most ``max_splits`` chunks (the merging kernel holds them all in
+    registers)."""
     blocks = max(1, math.ceil(key_span / block))
     multiprocessors, pairs = _multiprocessors(device), batch * kv_heads
     wanted = 1 if pairs >= multiprocessors else math.ceil(_CONFIG["programs_per_sm"] * multiprocessors / pairs)
-    splits = max(1, min(wanted, blocks, key_span // _CONFIG["min_chunk"]))
+    splits = max(1, min(wanted, blocks, key_span // _CONFIG["min_chunk"], _CONFIG["max_splits"]))
     chunk = math.ceil(blocks / splits) * block
     return math.ceil(key_span / chunk), chunk
 
@@ -215,6 +217,7 @@ def ring_attention(
     Returns ``[B, 1, H_q, D_v]``."""
     batch, query_heads, _, head_dim = query.shape
     capacity, kv_heads, value_dim = slot_keys.shape[1], slot_keys.shape[2], slot_values.shape[-1]
+    assert slot_keys.stride(-1) == slot_values.stride(-1) == 1, "the kernels read a slot's head as one row"
     group = query_heads // kv_heads
     block = _CONFIG["block"] or block_slots(max(head_dim, value_dim))
     splits, chunk = split_count(batch, kv_heads, key_span, block, query.device)

@@ -45,6 +45,12 @@ CASES = {  # batch, query heads, kv heads, head dim, value dim, capacity, kv_seq
     "global layer, narrow values": (2, 6, 2, 48, 32, 300, [150, 20], None, 150),
     "no grouping": (2, 4, 4, 16, 16, 70, [70, 33], [False, True], None),
     "wide heads": (2, 4, 1, 256, 256, 100, [100, 64], None, None),
+    "three heads a group, a full ring written mid-way": (2, 6, 2, 32, 32, 200, [200, 200], [True, True], None),
+    "a padded row on an unfilled slot": (2, 8, 2, 64, 64, 200, [200, 1], [True, False], None),
+}
+WRITTEN = {  # the slot each row writes, where it is not the last one it attends over ((kv_seqlen - 1) % capacity)
+    "three heads a group, a full ring written mid-way": [130, 3],
+    "a padded row on an unfilled slot": [70, 1],  # row 1: a column of padding, its slot one past what it holds
 }
 
 
@@ -62,7 +68,8 @@ def test_kernels_write_and_attend_as_the_write_then_sdpa(case, dtype):
     new_keys, new_values = randn(batch, kv_heads, head_dim), randn(batch, kv_heads, value_dim)
     slot_keys, slot_values = randn(batch, capacity, kv_heads, head_dim), randn(batch, capacity, kv_heads, value_dim)
     lengths = torch.tensor(kv_seqlens, dtype=torch.int32, device=DEVICE)
-    rows = torch.tensor([b * capacity + (n - 1) % capacity for b, n in enumerate(kv_seqlens)], device=DEVICE)
+    written = WRITTEN.get(case, [(n - 1) % capacity for n in kv_seqlens])
+    rows = torch.tensor([b * capacity + slot for b, slot in enumerate(written)], device=DEVICE)
     keep = None if keep is None else torch.tensor(keep, device=DEVICE).view(-1, 1, 1)
     expected_keys, expected_values = slot_keys.clone(), slot_values.clone()
 
@@ -98,6 +105,7 @@ def test_chunks_cover_every_slot_once(batch, kv_heads, span):
     splits, chunk = _ring_decode.split_count(batch, kv_heads, span, block, DEVICE)
     assert chunk % block == 0 and (splits - 1) * chunk < span <= splits * chunk  # no chunk empty for a full row
     assert splits == 1 or chunk >= _ring_decode._CONFIG["min_chunk"]
+    assert splits <= _ring_decode._CONFIG["max_splits"]
 
 
 @pytest.fixture
@@ -154,10 +162,15 @@ def test_hybrid_models_decode_their_global_layers_with_the_kernels(kernel_calls,
     )
     got.sequences, got.scores = got.sequences.cpu(), [scores.cpu() for scores in got.scores]
     assert_same(got, reference_run(name))
-    assert kernel_calls, "no decode step went through the kernels"
+    steps = 12  # 11 decode steps, and the prefill's last chunk of one column (a real token in every row: decode-shaped)
+    if name == "gemma3":  # every layer, sliding and global, every decode step
+        assert len(kernel_calls) == model.config.num_hidden_layers * steps
+    else:  # MiMo's sliding layers have sinks: its global layers only
+        full = model.config.layer_types.count("full_attention")
+        assert 0 < full < model.config.num_hidden_layers and len(kernel_calls) == full * steps
 
 
-def test_a_gpu_triton_cannot_build_for_decodes_with_sdpa_and_says_so(monkeypatch, caplog):
+def test_a_gpu_triton_cannot_build_for_decodes_with_sdpa_and_says_so(monkeypatch):
     """Triton refusing to build the kernels (here: too little shared memory) switches them off with a warning,
     and that step and every later one write and attend with SDPA: Transformers' tokens all the same."""
     from triton.runtime.errors import OutOfResources
@@ -171,20 +184,22 @@ def test_a_gpu_triton_cannot_build_for_decodes_with_sdpa_and_says_so(monkeypatch
         raise OutOfResources(232448, 101376, "shared memory")
 
     monkeypatch.setattr(_kernels._ring_decode, "devices", ("cuda", "cpu"))
-    monkeypatch.setattr(_kernels._ring_decode, "enabled", True)
+    monkeypatch.setattr(_kernels._ring_decode, "unbuildable", False)
     monkeypatch.setattr(_ring_decode, "ring_attention", refused)
+    warnings = []
+    monkeypatch.setattr(_kernels.logger, "warning", lambda message, *args: warnings.append(message % args))
     window, lengths = 4, (37, 2, 19, 64)
     _, rolling = models(window)
     input_ids, attention_mask = ragged_batch(list(lengths), seed=len(lengths))
-    with caplog.at_level("WARNING", logger="hf_rolling_cache._kernels"):
-        got = rolling.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * window + 2, do_sample=False,
-            past_key_values=RollingSlidingWindowCache(config=rolling.config), output_scores=True,
-            return_dict_in_generate=True, pad_token_id=0,
-        )
+    got = rolling.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3 * window + 2, do_sample=False,
+        past_key_values=RollingSlidingWindowCache(config=rolling.config), output_scores=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )
     expected = reference_run(window, lengths)
-    assert attempts == [1] and not _kernels._ring_decode.enabled
-    assert "could not build the decode kernels" in caplog.text and "decoding with SDPA" in caplog.text
+    assert attempts == [1] and _kernels._ring_decode.unbuildable
+    assert len(warnings) == 1 and "could not build the decode kernels" in warnings[0]
+    assert "OutOfResources" in warnings[0] and "decoding with SDPA" in warnings[0]
     assert torch.equal(got.sequences, expected.sequences)
     for ours, theirs in zip(got.scores, expected.scores):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
