@@ -42,8 +42,7 @@ except ImportError:  # CPU installs without Triton: SDPA decodes
 # How the kernels are launched (chosen on an H100 by `benchmarks.decode_attention`'s grid, 7B shape, B=1/8/32): a
 # row's slots are split until the grid holds about ``programs_per_sm`` programs per multiprocessor, in chunks of at
 # least ``min_chunk`` slots and at most ``max_splits`` of them, and not at all once the rows' kv heads alone fill
-# the GPU; ``block``: slots per inner
-# step (None: `block_slots`); Triton's warps and pipeline stages.
+# the GPU; ``block``: slots per inner step (None: `block_slots`); Triton's warps and pipeline stages.
 _CONFIG = {"programs_per_sm": 4, "min_chunk": 256, "max_splits": 64, "block": None, "num_warps": 8, "num_stages": 3}
 
 
