@@ -293,7 +293,7 @@ def ring_kernel_applies(query: torch.Tensor, layer, plan, softcap: float | None,
         return False
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or layer.slot_keys.dtype != query.dtype:
         return False
-    if plan.window is not None and plan.capacity != plan.window:
+    if not _reads_a_prefix(plan):
         return False
     if max(query.shape[-1], layer.slot_values.shape[-1]) > 256 or not _ring_decode_module().kernel_available():
         return False
@@ -317,6 +317,12 @@ def ring_attention(query, new_keys, new_values, slot_keys, slot_values, rows, ke
         return None
 
 
+def _reads_a_prefix(plan) -> bool:
+    """A row's attended slots are its first ``kv_seqlens[b]``: a ring without slack (filled in order, then every
+    slot) or a global layer, what kernels taking key lengths need; a ring with slack is not."""
+    return plan.window is None or plan.capacity == plan.window
+
+
 def _ring_decode_module():
     from . import _ring_decode
 
@@ -330,7 +336,7 @@ def fp8_kernel_applies(query: torch.Tensor, plan) -> bool:
     Score caps and sinks are the caller's to exclude."""
     if not (query.is_cuda and _fp8_decode.enabled and query.dtype in (torch.float16, torch.bfloat16)):
         return False  # (the kernel refuses float32 queries: those read the ring dequantized)
-    if plan.window is not None and plan.capacity != plan.window:
+    if not _reads_a_prefix(plan):
         return False
     import xformers
 
