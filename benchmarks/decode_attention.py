@@ -25,10 +25,6 @@ HEADS, KV_HEADS, HEAD_DIM, WINDOW, LAYERS = 32, 8, 128, 4096, 32
 
 
 def attention(kind: str, query, keys, values, mask):
-    if kind.startswith("ring kernel"):  # keys/values: the [B, W, H_kv, D] storage; mask: (new k, new v, rows, lengths)
-        new_keys, new_values, rows, lengths = mask
-        return _ring_decode.ring_attention(query, new_keys, new_values, keys, values, rows, None, lengths, WINDOW,
-                                           HEAD_DIM ** -0.5).transpose(1, 2)
     if kind == "gqa":
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
     batch = query.shape[0]
@@ -88,10 +84,11 @@ def main() -> None:
                 splits, chunk = _ring_decode.split_count(batch, KV_HEADS, WINDOW, block, query.device)
                 kind = f"ring kernel {per_sm}/sm b{block} w{warps} s{stages}"
 
-                def step(kind=kind):
+                def step():
                     for (keys, values), (new_keys, new_values) in zip(storage, tokens):
-                        out = attention(kind, query, keys, values, (new_keys, new_values, slots, lengths))
-                    return out
+                        out = _ring_decode.ring_attention(query, new_keys, new_values, keys, values, slots, None,
+                                                          lengths, WINDOW, HEAD_DIM ** -0.5)
+                    return out.transpose(1, 2)  # [B, H_q, 1, D], as SDPA's
 
                 got = step()
                 error = (got.float() - expected[masked].float()).abs().max().item()

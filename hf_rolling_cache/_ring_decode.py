@@ -190,8 +190,9 @@ def split_count(batch: int, kv_heads: int, key_span: int, block: int, device: to
     ``min_chunk`` slots or one block, at most ``max_splits`` chunks (the merging kernel holds them all in
     registers)."""
     blocks = max(1, math.ceil(key_span / block))
-    multiprocessors, pairs = _multiprocessors(device), batch * kv_heads
-    wanted = 1 if pairs >= multiprocessors else math.ceil(_CONFIG["programs_per_sm"] * multiprocessors / pairs)
+    wanted = 1
+    if splits_rows(batch, kv_heads, device):
+        wanted = math.ceil(_CONFIG["programs_per_sm"] * _multiprocessors(device) / (batch * kv_heads))
     splits = max(1, min(wanted, blocks, key_span // _CONFIG["min_chunk"], _CONFIG["max_splits"]))
     chunk = math.ceil(blocks / splits) * block
     return math.ceil(key_span / chunk), chunk
