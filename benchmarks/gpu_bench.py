@@ -69,6 +69,10 @@ PATHS = {
     "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
     # compiled, decode attention by SDPA after a separate ring write (as before `_ring_decode`): the kernels' baseline
     "rolling_graphs_compiled_sdpa": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, every product by cuBLAS (as before `_narrow_products`): the product kernel's baseline
+    "rolling_graphs_compiled_cublas": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, our kernels launched without programmatic dependent launch (its baseline)
+    "rolling_graphs_compiled_nopdl": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
@@ -187,6 +191,10 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
             options.enter_context(_all_reduce.nccl_only())
         if path.endswith("_sdpa"):
             options.enter_context(_kernels.ring_decode_kernel(False))
+        if path.endswith("_cublas"):
+            options.enter_context(_kernels.narrow_product_kernel(False))
+        if path.endswith("_nopdl"):
+            options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        prefill_chunk_size=chunk_size, pad_token_id=0,

@@ -85,7 +85,8 @@ CLASSES = (  # (class, substrings of kernel names), first match wins
     ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax", "fwd_kernel_splitk",
                    "_splitk_reduce",  # xFormers' split-K decode (an 8-bit ring)
                    "attend_chunks", "combine_chunks")),  # ours (`_ring_decode`), the ring write included
-    ("weight products", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "splitKreduce", "cublas")),
+    ("weight products", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "splitKreduce", "cublas",
+                         "narrow_product")),  # ours (`_narrow_products`)
     ("ring write", ("index_copy", "index_put", "scatter", "indexing_backward", "index_elementwise",
                     "amax")),  # the last: an 8-bit ring's quantization, fused with or before its write
     ("copies", ("memcpy", "memset", "copy_kernel")),

@@ -1,14 +1,17 @@
 """The compiled decoder layers of `use_cuda_graphs(model, compile=True)`: each layer's forward through
-``torch.compile``, its q/k/v and gate/up products fused (`_fused`), installed only while a decode step is warmed up
-and captured (`CompiledLayers.swapped_in`), so every other call runs the user's modules untouched."""
+``torch.compile``, its q/k/v and gate/up products fused (`_fused`), and every plain product of the step (the
+head's too) multiplied by our kernel for a few rows where it applies (`_narrow_products`), installed only while a
+decode step is warmed up and captured (`CompiledLayers.swapped_in`), so every other call runs the user's modules
+untouched."""
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
-from ._fused import SameProducts, fuse_groups
+from ._fused import SameProducts, fuse_groups, narrow_forward, narrow_launch
 from .cache import RollingSlidingWindowCache
 
 
@@ -33,6 +36,11 @@ class CompiledLayers:
         if isinstance(norm, torch.nn.Module):
             modules.append(norm)
         self.modules = modules
+        # Every plain product of the step: the layers' and the head's (eager in the captured step, after the norm).
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._linears = [sub for m in modules for sub in m.modules() if type(sub) is torch.nn.Linear]
+        if type(head) is torch.nn.Linear:
+            self._linears.append(head)
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
         options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
@@ -67,6 +75,8 @@ class CompiledLayers:
                 else:  # a parameter replaced since (model.to, a new Parameter): that group runs unfused from now on
                     group.separate()
                     self.groups.remove(group)
+            swaps += self._narrow_swaps()
+            previous += [vars(obj).get(name, _UNSET) for obj, name, _ in swaps[len(previous):]]
             for obj, name, replacement in swaps:
                 setattr(obj, name, replacement)
             try:
@@ -77,6 +87,20 @@ class CompiledLayers:
                         delattr(obj, name)
                     else:
                         setattr(obj, name, held)
+
+    def _narrow_swaps(self) -> list[tuple]:
+        """A forward multiplying by our kernel (`_narrow_products`) for each plain product outside the fused groups
+        whose weight the kernel takes, and that nobody else's code wraps (a hook, a forward of its own)."""
+        fused = {id(part) for group in self.groups for part in group.parts}
+        swaps = []
+        for linear in self._linears:
+            if id(linear) in fused or linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear):
+                continue
+            launch = narrow_launch(linear.weight, linear.bias)
+            if launch is not None:
+                swaps.append((linear, "narrow_launch", launch))
+                swaps.append((linear, "forward", types.MethodType(narrow_forward, linear)))
+        return swaps
 
     def release(self) -> None:
         """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""

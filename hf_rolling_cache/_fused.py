@@ -84,12 +84,14 @@ class FusedGroup:
         on each part, so that one compiled code serves every layer). Undone part by part, also after a failure
         half way."""
         swapped = []
+        launch = narrow_launch(self.weight, self.bias)
         try:
             for part, rows in zip(self.parts, self.rows):
                 swapped.append(part)
                 part.register_buffer(_WEIGHT, self.weight, persistent=False)
                 part.register_buffer(_BIAS, self.bias, persistent=False)
                 part.fused_rows = rows
+                part.fused_launch = launch
                 part.forward = types.MethodType(_rows_of_fused_product, part)
             yield
         finally:
@@ -97,8 +99,8 @@ class FusedGroup:
                 for name in (_WEIGHT, _BIAS):
                     part._buffers.pop(name, None)
                     part._non_persistent_buffers_set.discard(name)
-                vars(part).pop("fused_rows", None)
-                vars(part).pop("forward", None)
+                for name in ("fused_rows", "fused_launch", "forward"):
+                    vars(part).pop(name, None)
 
 
 def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
@@ -111,7 +113,29 @@ def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
 
 def _rows_of_fused_product(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     start, stop = self.fused_rows
-    return F.linear(input, getattr(self, _WEIGHT), getattr(self, _BIAS))[..., start:stop]
+    return _product(input, getattr(self, _WEIGHT), getattr(self, _BIAS), self.fused_launch)[..., start:stop]
+
+
+def narrow_launch(weight: torch.Tensor, bias: torch.Tensor | None) -> list[int] | None:
+    """`_narrow_products.launch_for` (Triton imported on first use), or None where Triton is not installed."""
+    try:
+        from ._narrow_products import launch_for
+    except ImportError:
+        return None
+    return launch_for(weight, bias)
+
+
+def _product(input, weight, bias, launch):
+    if launch is None:
+        return F.linear(input, weight, bias)
+    from ._narrow_products import product
+
+    return product(input, weight, bias, launch)
+
+
+def narrow_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """A plain ``nn.Linear``'s forward in the compiled decode step: its product by our kernel where it applies."""
+    return _product(input, self.weight, self.bias, self.narrow_launch)
 
 
 def fuse_groups(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[FusedGroup]:
@@ -167,6 +191,8 @@ class SameProducts(CustomGraphPass):
         aten = torch.ops.aten
         pure = {aten.mm.default, aten.addmm.default, aten.view.default, aten._unsafe_view.default,
                 aten.reshape.default, aten.permute.default, aten.t.default, aten.expand.default}
+        if hasattr(torch.ops.hf_rolling_cache, "narrow_linear"):  # registered once `_narrow_products` is imported
+            pure.add(torch.ops.hf_rolling_cache.narrow_linear.default)
         first: dict[tuple, torch.fx.Node] = {}
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in pure or _returned(node):

@@ -125,17 +125,45 @@ def ring_decode_kernel(enabled: bool) -> Iterator[None]:
         _ring_decode.enabled = previous
 
 
+class _NarrowProducts:
+    """Whether the compiled decode step multiplies its few rows by the weights with our Triton kernel
+    (`_narrow_products`): on unless switched off (`exact_kernels`, `narrow_product_kernel`); read when the compiled
+    layers are swapped in. ``devices``: as `_RingDecode`'s."""
+
+    enabled = True
+    devices = ("cuda",)
+    unbuildable = False  # Triton could not build it for this GPU (then cuBLAS for the process)
+
+
+_narrow_products = _NarrowProducts()
+
+
 @contextlib.contextmanager
-def exact_kernels() -> Iterator[None]:
-    """Use the exact dense kernel for prefill phases even on CUDA, decode with a separate write and SDPA, and
-    dequantize 8-bit rings (to compare the paths). A decode step captured earlier (`use_cuda_graphs`) replays the
-    kernels it was captured with: release the graphs first to compare captured steps."""
-    previous = _xformers.enabled, _fp8_decode.enabled, _ring_decode.enabled
-    _xformers.enabled = _fp8_decode.enabled = _ring_decode.enabled = False
+def narrow_product_kernel(enabled: bool) -> Iterator[None]:
+    """Compiled decode steps multiply with (True) or without (False: cuBLAS) our product kernel inside the block;
+    a step captured earlier replays what it was captured with."""
+    previous, _narrow_products.enabled = _narrow_products.enabled, enabled
     try:
         yield
     finally:
-        _xformers.enabled, _fp8_decode.enabled, _ring_decode.enabled = previous
+        _narrow_products.enabled = previous
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Use the exact dense kernel for prefill phases even on CUDA, decode with a separate write and SDPA, multiply
+    with cuBLAS, and dequantize 8-bit rings (to compare the paths). A decode step captured earlier
+    (`use_cuda_graphs`) replays the kernels it was captured with: release the graphs first to compare captured
+    steps."""
+    switches = (_xformers, _fp8_decode, _ring_decode, _narrow_products)
+    previous = [switch.enabled for switch in switches]
+    for switch in switches:
+        switch.enabled = False
+    try:
+        yield
+    finally:
+        for switch, enabled in zip(switches, previous):
+            switch.enabled = enabled
 
 
 def attend_packed(

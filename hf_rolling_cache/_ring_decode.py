@@ -20,6 +20,9 @@ A row attends over its first ``kv_seqlens[b]`` slots: a ring without slack fills
 holds is a prefix (and once full, every slot), and so does a global layer. ``kv_seqlens`` is a device tensor, so
 the same kernels serve an eager step and a step captured in a CUDA graph.
 
+On Hopper GPUs both kernels are programmatic dependent launches (`dependent_launch`): each may start while the
+kernel before it finishes and waits for it before reading anything, then lets the next such kernel start.
+
 Scores are float32 (the products accumulate in float32; float32 inputs multiply in IEEE float32, not TF32), the
 probabilities are cast to the values' dtype before the second product, as flash attention does.
 
@@ -43,7 +46,8 @@ except ImportError:  # CPU installs without Triton: SDPA decodes
 # row's slots are split until the grid holds about ``programs_per_sm`` programs per multiprocessor, in chunks of at
 # least ``min_chunk`` slots and at most ``max_splits`` of them, and not at all once the rows' kv heads alone fill
 # the GPU; ``block``: slots per inner step (None: `block_slots`); Triton's warps and pipeline stages.
-_CONFIG = {"programs_per_sm": 4, "min_chunk": 256, "max_splits": 64, "block": None, "num_warps": 8, "num_stages": 3}
+_CONFIG = {"programs_per_sm": 4, "min_chunk": 256, "max_splits": 64, "block": None, "num_warps": 8, "num_stages": 3,
+           "dependent_launch": True}
 
 
 if tl is not None:
@@ -57,7 +61,11 @@ if tl is not None:
         stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr, HAS_KEEP: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # launched before the kernel writing Q, NEW_K, NEW_V finished: wait for it, then let the next start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
         head = tl.program_id(1)  # the kv head
         row = tl.program_id(2).to(tl.int64)  # row offsets pass 2**31 elements in large caches
@@ -131,8 +139,11 @@ if tl is not None:
     @triton.jit
     def _combine_chunks(
         M, L, ACC, OUT, splits, value_dim, stride_ob, stride_oh,
-        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         query_head = tl.program_id(0)
         row = tl.program_id(1)
         query_heads = tl.num_programs(0)
@@ -177,6 +188,24 @@ def splits_rows(batch: int, kv_heads: int, device: torch.device) -> bool:
     whole batch already fills the GPU, and SDPA after a separate write read the ring at least as fast on the
     H100 (B=32, 7B shape: 177.8 us a layer against 180.7, plus about 3.7 us of write)."""
     return batch * kv_heads < _multiprocessors(device)
+
+
+def _dependent_launch(tensor: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch on CUDA (`dependent_launch`): the kernel may start while
+    the one before it finishes, and waits for it before reading anything (``gdc_wait``); it then lets the next
+    such kernel start. Off elsewhere (Triton's interpreter)."""
+    return {"PDL": True, "launch_pdl": True} if tensor.is_cuda and dependent_launch(tensor.device) else {"PDL": False}
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether our kernels use programmatic dependent launch on ``device``: Hopper and later (compute capability
+    9+), where CUDA graphs keep the launches' edges; the benchmarks switch it off to measure its worth."""
+    return _CONFIG["dependent_launch"] and _capability(device) >= 9
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def block_slots(head_dim: int) -> int:
@@ -243,11 +272,11 @@ def ring_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=block_dv,
         HAS_KEEP=keep is not None, SINGLE=splits == 1, IEEE=query.dtype == torch.float32,
-        num_warps=_CONFIG["num_warps"], num_stages=_CONFIG["num_stages"],
+        num_warps=_CONFIG["num_warps"], num_stages=_CONFIG["num_stages"], **_dependent_launch(query),
     )
     if splits > 1:
         _combine_chunks[(query_heads, batch)](
             partial_max, partial_sum, partial_out, out, splits, value_dim, out.stride(0), out.stride(2),
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=block_dv,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=block_dv, **_dependent_launch(query),
         )
     return out

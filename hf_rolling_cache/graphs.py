@@ -12,8 +12,9 @@ the model as before. Padding in a decode step is handled in the graph (a padded 
 
 With ``compile=True`` the captured step runs each decoder layer through ``torch.compile`` (regional compilation:
 one compiled code per layer class and kind, shared by its layers, as ``layer_idx`` is a tensor while swapped in),
-so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels, and each layer's q/k/v and
-gate/up projections are one weight product each (`_fused`). The cache's ``update`` and
+so Transformers' RMSNorms, rotary, SiLU and residual adds become a few fused kernels, each layer's q/k/v and
+gate/up projections are one weight product each (`_fused`), and on CUDA a step of at most 16 rows multiplies by
+a Triton kernel of ours rather than cuBLAS (`_narrow_products`). The cache's ``update`` and
 the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up; prefill always
 runs the eager modules.
@@ -59,7 +60,8 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False) -> None:
     Args:
         model: a causal LM using the "rolling_xformers" attention.
         compile: also compile each decoder layer with ``torch.compile`` before capturing: its elementwise work
-            fused, and its q/k/v and gate/up products each computed as one (`_fused`). The first decode step then
+            fused, its q/k/v and gate/up products each computed as one (`_fused`), and a batch of up to 16 rows
+            multiplied by our product kernel (`_narrow_products`). The first decode step then
             takes a one-off warm-up (seconds for a 7B model; see ``cache.decode_graph_warmup_s``), and later steps
             are faster. Prefill is not compiled.
     """

@@ -1,0 +1,220 @@
+"""Our decode-step product kernel (`_narrow_products`): against ``F.linear`` through Triton's interpreter on CPU (every
+launch kind, strided and 3-D inputs, biases, float32 and float16), which weights it takes, and the compiled decode
+step that calls it (inductor keeps one product per fused group, the logits stay eager's and Transformers'). The GPU
+test runs it in bfloat16 and float32 inside captured steps."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_rolling_cache
+from hf_rolling_cache import RollingSlidingWindowCache, _kernels
+from hf_rolling_cache._compiled import CompiledLayers
+from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.test_graphs import decode_logits
+
+_narrow_products = pytest.importorskip("hf_rolling_cache._narrow_products")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# CPU models whose compiled step calls the kernel on CPU tensors: Triton's interpreter only (a GPU machine runs the
+# same step captured on CUDA, below)
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+
+
+@pytest.fixture
+def on_every_device(monkeypatch):
+    """The kernel on CPU too (Triton's interpreter), as on CUDA."""
+    monkeypatch.setattr(_kernels._narrow_products, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", False)
+
+
+@pytest.fixture
+def product_calls(monkeypatch, on_every_device) -> list[tuple]:
+    """Every call of the kernel: (rows, weight shape)."""
+    calls = []
+    run = _narrow_products.narrow_linear
+
+    def counted(input, weight, bias, launch):
+        calls.append((input.numel() // input.shape[-1], tuple(weight.shape)))
+        return run(input, weight, bias, launch)
+
+    monkeypatch.setattr(_narrow_products, "narrow_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("out_features", [64, 768, 2048], ids=["one-wave", "one-wide-wave", "many-waves"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_launch_kind_multiplies_as_f_linear(on_every_device, monkeypatch, out_features, dtype):
+    """With 16 multiprocessors (what the CPU pretends to have), 64 rows are one wave of 32-row programs, 768 one
+    wave of 64-row programs, 2048 many waves. Rows from 1 to 16, with and without a bias."""
+    monkeypatch.setattr(_narrow_products, "_multiprocessors", lambda device: 16)
+    generator = torch.Generator().manual_seed(out_features)
+    weight = (torch.randn(out_features, 128, generator=generator) / 128**0.5).to(DEVICE, dtype)
+    bias = torch.randn(out_features, generator=generator).to(DEVICE, dtype)
+    launch = _narrow_products.launch_for(weight, bias)
+    kinds = {64: _narrow_products._ONE_WAVE, 768: _narrow_products._ONE_WAVE_WIDE, 2048: _narrow_products._MANY_WAVES}
+    assert launch[0] == kinds[out_features][0] and launch[2:] == list(kinds[out_features][2:])
+    assert launch[1] == min(128, kinds[out_features][1] // dtype.itemsize)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, 128, generator=generator).to(DEVICE, dtype)
+        for b in (None, bias):
+            got = _narrow_products.narrow_linear(x, weight, b, launch)
+            expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+            tolerance = 2e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance)
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+
+
+def test_strided_and_batched_inputs(on_every_device):
+    """A slice of wider rows (o_proj reading the q columns of a fused q/k/v product) and ``[B, 1, K]`` inputs."""
+    generator = torch.Generator().manual_seed(2)
+    weight = (torch.randn(96, 64, generator=generator) / 8).to(DEVICE)
+    launch = _narrow_products.launch_for(weight)
+    wide = torch.randn(3, 200, generator=generator).to(DEVICE)
+    x = wide[:, 16:80]
+    assert x.stride() == (200, 1)
+    torch.testing.assert_close(_narrow_products.narrow_linear(x, weight, None, launch), F.linear(x, weight),
+                               rtol=0, atol=1e-5)
+    batched = torch.randn(4, 7, 64, generator=generator).to(DEVICE)[:, -1:]  # the head reads each row's last position
+    got = _narrow_products.narrow_linear(batched, weight, None, launch)
+    assert got.shape == (4, 1, 96)
+    torch.testing.assert_close(got, F.linear(batched, weight), rtol=0, atol=1e-5)
+
+
+def test_which_weights_it_takes(on_every_device, monkeypatch):
+    launch_for = _narrow_products.launch_for
+    weight = torch.randn(64, 128)
+    assert launch_for(weight) is not None
+    assert launch_for(torch.randn(97, 128)) is None  # rows no tile divides
+    assert launch_for(torch.randn(64, 24)) is None  # columns no tile of at least 16 divides
+    assert launch_for(torch.randn(128, 64).t()) is None  # a transposed view: rows not contiguous
+    assert launch_for(weight.to(torch.int8)) is None
+    assert launch_for(weight, torch.randn(64, dtype=torch.float16)) is None  # a bias of another dtype
+    assert launch_for(weight.to("meta")) is None  # not on a device it runs on
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", True)
+    assert launch_for(weight) is None
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", False)
+    with _kernels.exact_kernels():
+        assert launch_for(weight) is None
+    with _kernels.narrow_product_kernel(False):
+        assert launch_for(weight) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts F.linear's inputs; the kernel would not
+        assert launch_for(weight) is None
+    assert launch_for(weight) is not None
+
+
+@pytest.mark.parametrize("out_features", [16, 48, 80, 512, 1000, 4096, 6144, 32000])
+@pytest.mark.parametrize("in_features", [16, 48, 640, 2048, 4096, 14336])
+def test_tiles_divide_every_weight_they_are_given_for(monkeypatch, out_features, in_features):
+    monkeypatch.setattr(_kernels._narrow_products, "devices", ("meta",))  # shapes only: no memory for the weights
+    launch = _narrow_products.launch_for(torch.empty(out_features, in_features, dtype=torch.bfloat16, device="meta"))
+    if launch is None:
+        assert out_features % 16 or in_features % 16
+    else:
+        block_n, block_k, _, _ = launch
+        assert out_features % block_n == 0 and in_features % block_k == 0 and block_n >= 16 and block_k >= 16
+
+
+def test_product_takes_at_most_sixteen_rows(product_calls):
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(64, 128, generator=generator) / 128**0.5).to(DEVICE)
+    launch = _narrow_products.launch_for(weight)
+    for rows in (1, 16, 17):
+        x = torch.randn(rows, 128, generator=generator).to(DEVICE)
+        torch.testing.assert_close(_narrow_products.product(x, weight, None, launch), F.linear(x, weight),
+                                   rtol=0, atol=1e-5)
+    assert product_calls == [(1, (64, 128)), (16, (64, 128))]
+
+
+def test_a_kernel_triton_cannot_build_falls_back_to_f_linear_and_says_so(on_every_device, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def refused(*args):
+        raise OutOfResources(232448, 101376, "shared memory")
+
+    monkeypatch.setattr(_narrow_products, "narrow_linear", refused)
+    warnings = []
+    monkeypatch.setattr(_narrow_products.logger, "warning", lambda message, *args: warnings.append(message % args))
+    generator = torch.Generator().manual_seed(4)
+    weight, x = torch.randn(64, 128, generator=generator) / 128**0.5, torch.randn(2, 128, generator=generator)
+    launch = _narrow_products.launch_for(weight)
+    torch.testing.assert_close(torch.ops.hf_rolling_cache.narrow_linear(x, weight, None, launch),
+                               F.linear(x, weight), rtol=0, atol=1e-5)
+    assert _kernels._narrow_products.unbuildable and len(warnings) == 1 and "cuBLAS" in warnings[0]
+    assert _narrow_products.launch_for(weight) is None  # and nothing asks for the kernel again
+
+
+@interpreted
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_compiled_step_multiplies_with_the_kernel(product_calls):
+    """Inductor keeps the operator whole and one product per fused group (four a layer, no cuBLAS call left);
+    the head (vocabulary 160: tiles divide it) multiplies eagerly with the kernel too. Logits: eager's, and
+    Transformers' to 1e-4."""
+    from torch._inductor.utils import run_and_get_code
+
+    reference, model = model_pair(tiny_config(4, layers=2, vocab=160))
+    input_ids, attention_mask = ragged_batch([7, 2, 5], vocab=160)
+    eager, sequences, full_mask = decode_logits(model, input_ids, attention_mask, 3)
+    assert product_calls == []  # nothing outside the compiled step
+    compiled = CompiledLayers(model)
+    (got, _, _), codes = run_and_get_code(decode_logits, model, input_ids, attention_mask, 3, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    expected = reference(input_ids=sequences, attention_mask=full_mask).logits[:, -3:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    code = "\n".join(codes)
+    products = code.count("torch.ops.hf_rolling_cache.narrow_linear.default(")
+    assert products == 4 and "extern_kernels.mm(" not in code and "extern_kernels.addmm(" not in code
+    heads = [call for call in product_calls if call[1] == (160, 64)]
+    assert len(heads) == 3 and all(rows == 3 for rows, _ in heads)  # the head, once a step
+    for linear in compiled._linears:  # nothing of ours left on the modules
+        assert "forward" not in vars(linear) and "narrow_launch" not in vars(linear)
+
+
+@interpreted
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_product_someone_else_wraps_keeps_its_forward(product_calls):
+    _, model = model_pair(tiny_config(4, layers=1, vocab=128))
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    compiled = CompiledLayers(model, backend="aot_eager")
+    input_ids, attention_mask = ragged_batch([7, 2, 5], vocab=128)
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    down = tuple(model.model.layers[0].mlp.down_proj.weight.shape)
+    assert seen and all(weight != down for _, weight in product_calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_compiled_steps_multiply_with_the_kernel_on_the_gpu(product_calls, dtype):
+    """Compiled graphs with the kernel: fp32 tokens and logits as the eager rolling path's, bf16 logits as those of
+    the same captured step multiplied by cuBLAS (near, not equal: another summation order)."""
+    from tests.test_gpu import LENGTHS, WINDOW, gpu_model
+
+    model = gpu_model(dtype)
+    model.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2 * WINDOW, do_sample=False,
+                   output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+
+    def graphed(kernel: bool):
+        with _kernels.narrow_product_kernel(kernel):
+            hf_rolling_cache.use_cuda_graphs(model, compile=True)
+            try:
+                return model.generate(**options, past_key_values=RollingSlidingWindowCache(config=model.config))
+            finally:
+                hf_rolling_cache.release_cuda_graphs(model)
+
+    ours = graphed(True)
+    assert product_calls, "the captured step did not call the kernel"
+    theirs = graphed(False) if dtype == torch.bfloat16 else model.generate(
+        **options, past_key_values=RollingSlidingWindowCache(config=model.config))
+    if dtype == torch.float32:
+        assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        tolerance = 1e-4 if dtype == torch.float32 else 0.05 * b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance)
+        if dtype == torch.bfloat16:
+            break  # greedy near-ties may part the two bf16 runs after the first token
