@@ -10,7 +10,10 @@ tile) are re-read from cache by each program.
 
 On Hopper GPUs the kernel is a programmatic dependent launch (`_ring_decode.dependent_launch`): it may start while
 the kernel before it finishes, and waits for it (``gdc_wait``) before reading its input. In a captured step of
-Mistral-7B (B=1 and 8) that gave 2% over the same kernel launched plainly, which gave 1.5-2% over cuBLAS.
+Mistral-7B (B=1 and 8) that gave 2% over the same kernel launched plainly, which gave 1.5-2% over cuBLAS
+(`results/h100/README.md`). It lets the next kernel start as soon as it has waited: only a kernel launched the
+same way starts early on that, and none of the step's does after a product (a many-wave product followed by one
+would see its later waves wait behind the early starter's programs).
 
 Products accumulate in float32; float32 inputs multiply in IEEE float32 (not TF32), so the parity tests that run
 float32 models exercise this kernel as it runs in bfloat16. CPU tests run the same kernel through Triton's
