@@ -38,9 +38,10 @@ class CompiledLayers:
         self.modules = modules
         # Every plain product of the step: the layers' and the head's (eager in the captured step, after the norm).
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._linears = [sub for m in modules for sub in m.modules() if type(sub) is torch.nn.Linear]
+        linears = [sub for m in modules for sub in m.modules() if type(sub) is torch.nn.Linear]
         if type(head) is torch.nn.Linear:
-            self._linears.append(head)
+            linears.append(head)
+        self._linears = list({id(linear): linear for linear in linears}.values())  # a module shared by layers: once
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
         options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
@@ -81,10 +82,10 @@ class CompiledLayers:
                 setattr(obj, name, replacement)
             try:
                 yield
-            finally:
-                for (obj, name, _), held in zip(swaps, previous):
+            finally:  # in reverse, each put back whatever else fails: nothing of ours stays on a module
+                for (obj, name, _), held in reversed(list(zip(swaps, previous))):
                     if held is _UNSET:
-                        delattr(obj, name)
+                        vars(obj).pop(name, None)
                     else:
                         setattr(obj, name, held)
 

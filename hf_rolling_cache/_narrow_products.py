@@ -2,8 +2,8 @@
 
 A decode step multiplies one row per sequence by every weight of the model, so its products read the weights once
 and compute almost nothing: their time is bytes over bandwidth. cuBLAS picks split-K kernels with a reduce pass of
-their own for the square products of such a step, and reaches about 88-90% of an H100's copy bandwidth on
-Mistral-7B's (`benchmarks.narrow_products`). Here one program owns ``BLOCK_N`` rows of the weight and walks their
+their own for the square products of such a step, and a whole step of Mistral-7B's reaches 86-88% of an H100's
+copy bandwidth (`benchmarks.narrow_products`). Here one program owns ``BLOCK_N`` rows of the weight and walks their
 whole length in steps of ``BLOCK_K`` columns, the tiles pipelined by Triton: no split, no reduce, every weight
 byte read once, in rows of contiguous columns. The few input rows (padded to 16, the tensor cores' narrowest
 tile) are re-read from cache by each program.
@@ -11,12 +11,13 @@ tile) are re-read from cache by each program.
 On Hopper GPUs the kernel is a programmatic dependent launch (`_ring_decode.dependent_launch`): it may start while
 the kernel before it finishes, and waits for it (``gdc_wait``) before reading its input. In a captured step of
 Mistral-7B (B=1 and 8) that gave 2% over the same kernel launched plainly, which gave 1.5-2% over cuBLAS
-(`results/h100/README.md`). It lets the next kernel start as soon as it has waited: only a kernel launched the
-same way starts early on that, and none of the step's does after a product (a many-wave product followed by one
-would see its later waves wait behind the early starter's programs).
+(`results/h100/README.md`). It lets the next kernel start as soon as it has waited (only a kernel launched the
+same way starts early on that, and it too waits before reading). On CUDA before Hopper, and on ROCm, products keep
+cuBLAS: the launch rule was measured on an H100.
 
 Products accumulate in float32; float32 inputs multiply in IEEE float32 (not TF32), so the parity tests that run
-float32 models exercise this kernel as it runs in bfloat16. CPU tests run the same kernel through Triton's
+float32 models run this kernel's code (its float32 variant: no tensor-core products, steps of half as many
+columns); bfloat16 is checked against float32 products on the GPU. CPU tests run the same kernel through Triton's
 interpreter (``TRITON_INTERPRET=1`` before Triton is imported, as ``tests/conftest.py`` sets without a GPU).
 """
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _kernels
-from ._ring_decode import _dependent_launch, _multiprocessors, compile_errors
+from ._ring_decode import _capability, _dependent_launch, _multiprocessors, compile_errors
 
 try:
     import triton
@@ -70,7 +71,7 @@ if tl is not None:
         if PDL:  # launched before the kernel that writes X finished: wait for it here, then let the next start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        x_at = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        x_at = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         w_at = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, columns, BLOCK_K):
@@ -90,9 +91,9 @@ if tl is not None:
 
 def launch_for(weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[int] | None:
     """How to launch the kernel for ``weight`` (``[block_n, block_k, num_warps, num_stages]``), or None where it
-    does not apply: switched off or not on this device, Triton absent, under autocast, a weight that is not a plain
-    2-D tensor with contiguous rows of a floating dtype (a bias of another dtype), or sizes its tiles do not
-    divide."""
+    does not apply: switched off or not on this device (CUDA before Hopper, ROCm), Triton absent, under autocast, a
+    weight that is not a plain 2-D tensor with contiguous rows of a floating dtype (a bias of another dtype or
+    length), or sizes its tiles do not divide."""
     switch = _kernels._narrow_products
     if tl is None or not switch.enabled or switch.unbuildable or weight.device.type not in switch.devices:
         return None
@@ -102,9 +103,11 @@ def launch_for(weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[i
         return None
     if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
-    if bias is not None and (bias.dtype != weight.dtype or bias.dim() != 1 or bias.stride(0) != 1):
-        return None
     out_features, in_features = weight.shape
+    if bias is not None and (bias.dtype != weight.dtype or bias.shape != (out_features,) or bias.stride(0) != 1):
+        return None  # (``F.linear`` would broadcast a bias of one element; the kernel reads one per row)
+    if weight.is_cuda and (torch.version.hip is not None or _capability(weight.device) < 9):
+        return None  # the launch rule was measured on Hopper; elsewhere cuBLAS (and no shared memory to spare)
     programs = _multiprocessors(weight.device)
     if out_features // 32 <= programs:
         block_n, row_bytes, warps, stages = _ONE_WAVE

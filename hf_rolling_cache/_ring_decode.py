@@ -198,9 +198,10 @@ def _dependent_launch(tensor: torch.Tensor) -> dict:
 
 
 def dependent_launch(device: torch.device) -> bool:
-    """Whether our kernels use programmatic dependent launch on ``device``: Hopper and later (compute capability
-    9+), where CUDA graphs keep the launches' edges; the benchmarks switch it off to measure its worth."""
-    return _CONFIG["dependent_launch"] and _capability(device) >= 9
+    """Whether our kernels use programmatic dependent launch on ``device``: NVIDIA Hopper and later (compute
+    capability 9+; not ROCm, whose GPUs report 9.x too), where CUDA graphs keep the launches' edges; the benchmarks
+    switch it off to measure its worth."""
+    return _CONFIG["dependent_launch"] and torch.version.hip is None and _capability(device) >= 9
 
 
 @functools.cache

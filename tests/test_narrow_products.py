@@ -43,21 +43,23 @@ def product_calls(monkeypatch, on_every_device) -> list[tuple]:
     return calls
 
 
-@pytest.mark.parametrize("out_features", [64, 768, 2048], ids=["one-wave", "one-wide-wave", "many-waves"])
+@pytest.mark.parametrize("out_features,kind,block_n", [
+    (64, "_ONE_WAVE", 32), (48, "_ONE_WAVE", 16), (768, "_ONE_WAVE_WIDE", 64), (2048, "_MANY_WAVES", 32)
+], ids=["one-wave", "one-wave-of-16-rows", "one-wide-wave", "many-waves"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_every_launch_kind_multiplies_as_f_linear(on_every_device, monkeypatch, out_features, dtype):
-    """With 16 multiprocessors (what the CPU pretends to have), 64 rows are one wave of 32-row programs, 768 one
-    wave of 64-row programs, 2048 many waves. Rows from 1 to 16, with and without a bias."""
+def test_every_launch_kind_multiplies_as_f_linear(on_every_device, monkeypatch, out_features, kind, block_n, dtype):
+    """With 16 multiprocessors (what the CPU pretends to have), 64 rows are one wave of 32-row programs (48: of
+    16-row ones, the largest that divides), 768 one wave of 64-row programs, 2048 many waves. 1024 columns: every
+    program carries its sums over 4 to 16 steps. Rows from 1 to 16, with and without a bias."""
     monkeypatch.setattr(_narrow_products, "_multiprocessors", lambda device: 16)
     generator = torch.Generator().manual_seed(out_features)
-    weight = (torch.randn(out_features, 128, generator=generator) / 128**0.5).to(DEVICE, dtype)
+    weight = (torch.randn(out_features, 1024, generator=generator) / 1024**0.5).to(DEVICE, dtype)
     bias = torch.randn(out_features, generator=generator).to(DEVICE, dtype)
     launch = _narrow_products.launch_for(weight, bias)
-    kinds = {64: _narrow_products._ONE_WAVE, 768: _narrow_products._ONE_WAVE_WIDE, 2048: _narrow_products._MANY_WAVES}
-    assert launch[0] == kinds[out_features][0] and launch[2:] == list(kinds[out_features][2:])
-    assert launch[1] == min(128, kinds[out_features][1] // dtype.itemsize)
+    rows_per_program, row_bytes, warps, stages = getattr(_narrow_products, kind)
+    assert launch == [block_n, row_bytes // dtype.itemsize, warps, stages]
     for rows in (1, 5, 16):
-        x = torch.randn(rows, 128, generator=generator).to(DEVICE, dtype)
+        x = torch.randn(rows, 1024, generator=generator).to(DEVICE, dtype)
         for b in (None, bias):
             got = _narrow_products.narrow_linear(x, weight, b, launch)
             expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
@@ -91,6 +93,7 @@ def test_which_weights_it_takes(on_every_device, monkeypatch):
     assert launch_for(torch.randn(128, 64).t()) is None  # a transposed view: rows not contiguous
     assert launch_for(weight.to(torch.int8)) is None
     assert launch_for(weight, torch.randn(64, dtype=torch.float16)) is None  # a bias of another dtype
+    assert launch_for(weight, torch.randn(1)) is None  # one bias for every row: F.linear broadcasts it, not the kernel
     assert launch_for(weight.to("meta")) is None  # not on a device it runs on
     monkeypatch.setattr(_kernels._narrow_products, "unbuildable", True)
     assert launch_for(weight) is None
@@ -183,7 +186,65 @@ def test_a_product_someone_else_wraps_keeps_its_forward(product_calls):
     got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
     down = tuple(model.model.layers[0].mlp.down_proj.weight.shape)
-    assert seen and all(weight != down for _, weight in product_calls)
+    assert seen and product_calls and all(weight != down for _, weight in product_calls)
+
+
+@interpreted
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_product_shared_by_two_layers_is_swapped_once_and_put_back(product_calls):
+    """One ``nn.Linear`` in two layers: swapped in (and put back) once, the logits eager's, and nothing of ours left
+    on any module, also after a step that raises."""
+    _, model = model_pair(tiny_config(4, layers=2, vocab=160))
+    layers = model.model.layers
+    layers[1].mlp.down_proj = layers[0].mlp.down_proj
+    input_ids, attention_mask = ragged_batch([7, 2, 5], vocab=160)
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    compiled = CompiledLayers(model, backend="aot_eager")
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    assert product_calls
+    with pytest.raises(RuntimeError, match="a failing step"), compiled.swapped_in():
+        assert "forward" in vars(model.lm_head)
+        raise RuntimeError("a failing step")
+    for module in model.modules():
+        assert not {"forward", "narrow_launch", "fused_rows", "fused_launch"} & set(vars(module)), module
+
+
+@pytest.mark.gpu
+def test_bfloat16_launches_on_the_gpu_eager_and_captured():
+    """Each launch kind on an H100's shapes (o, q/k/v, a many-wave weight) in bfloat16 against float32 products of
+    the same values, rows 1 to 16 of strided 3-D inputs, with a bias; then captured in a CUDA graph right after the
+    kernel that writes its input (a dependent launch must wait for that one)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the kernel serves Hopper and later")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator).to(torch.bfloat16)
+
+    for out_features, in_features in ((4096, 4096), (6144, 4096), (16384, 1024)):
+        weight, bias = randn(out_features, in_features) / in_features**0.5, randn(out_features)
+        launch = _narrow_products.launch_for(weight, bias)
+        assert launch is not None
+        for rows in (1, 5, 16):
+            x = randn(rows, 1, in_features + 64)[..., 32:32 + in_features]
+            got = _narrow_products.narrow_linear(x, weight, bias, launch)
+            expected = F.linear(x.float(), weight.float(), bias.float())
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=8e-3 * expected.abs().max().item())
+
+    weight = randn(4096, 4096) / 64
+    launch = _narrow_products.launch_for(weight)
+    source, x = randn(8, 4096), torch.empty(8, 4096, device="cuda", dtype=torch.bfloat16)
+    _narrow_products.narrow_linear(x, weight, None, launch)  # built before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(source * 2)
+        out = _narrow_products.narrow_linear(x, weight, None, launch)
+    for _ in range(3):
+        source.copy_(randn(8, 4096))
+        graph.replay()
+        expected = F.linear((source * 2).float(), weight.float())
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=8e-3 * expected.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -218,3 +279,21 @@ def test_captured_compiled_steps_multiply_with_the_kernel_on_the_gpu(product_cal
         torch.testing.assert_close(a, b, rtol=0, atol=tolerance)
         if dtype == torch.bfloat16:
             break  # greedy near-ties may part the two bf16 runs after the first token
+
+
+@interpreted
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("name", ["qwen2", "gemma3", "starcoder2"])
+def test_other_families_compiled_with_the_kernel_give_eager_logits(product_calls, name):
+    """Biased products (Qwen2's q/k/v, Starcoder2's every product) and global layers (Gemma 3): the compiled step
+    with the kernel gives the eager step's logits."""
+    from tests.families import build
+
+    model = build(name, 4, seed=1)
+    hf_rolling_cache.enable(model)
+    input_ids, attention_mask = ragged_batch([9, 2, 6], seed=3)
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    assert product_calls == []
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, CompiledLayers(model))
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    assert product_calls, "the compiled step did not call the kernel"
