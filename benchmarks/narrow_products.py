@@ -5,8 +5,10 @@ shape of Mistral-7B (and of one tensor-parallel rank of it) and for a whole step
         [--warps 4 8] [--stages 3 4 5] [--json results/h100/narrow_products.json]
 
 Each product is timed over distinct weights (at least 1 GiB of them, so the 50 MB L2 cache holds none), replayed
-as one CUDA graph, against the bandwidth this GPU shows on a large copy. The grid's best launch per shape is
-printed, then the launch that is best over all shapes (the smallest total time), and the whole step with it.
+as one CUDA graph, against the bandwidth this GPU shows on a large copy: cuBLAS, the package's launch rule
+(`launch_for`) and the grid's launches (``--block-k`` in elements of bf16), the best per shape printed. Then a whole
+step's products, 32 layers and the head: cuBLAS, the rule (plainly and as dependent launches), the launch best over
+all shapes, and each shape's best.
 """
 
 from __future__ import annotations
