@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fused_products import HIDDEN, INTERMEDIATE, KV_DIM, LAYERS, HEADS_DIM
+from benchmarks.fused_products import HEADS_DIM, HIDDEN, INTERMEDIATE, KV_DIM, LAYERS, replayed_ms
 from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import _ring_decode
 from hf_rolling_cache._narrow_products import launch_for, narrow_linear
@@ -36,31 +35,12 @@ def shapes(tp: int) -> dict[str, tuple[int, int]]:
             "head": (32000 // tp, HIDDEN)}
 
 
-def replayed_ms(call, repeats: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        graph.replay()
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start) / repeats
-
-
 def product_us(linear, weights: list[torch.Tensor], x: torch.Tensor) -> float:
     def call():
         for w in weights:
             linear(x, w)
 
-    return 1000 * replayed_ms(call) / len(weights)
+    return 1000 * replayed_ms(call, repeats=10) / len(weights)
 
 
 def main() -> None:

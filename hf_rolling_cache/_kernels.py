@@ -101,52 +101,37 @@ class _Fp8Decode:
 _fp8_decode = _Fp8Decode()
 
 
-class _RingDecode:
-    """Whether decode steps on CUDA use our Triton kernels (`_ring_decode`): on unless switched off
-    (`exact_kernels`, `ring_decode_kernel`). ``devices``: the device types they run on (tests add "cpu", where
-    Triton's interpreter runs them)."""
+class _OurKernel:
+    """Whether one of our Triton kernels runs: ``enabled`` unless switched off (`exact_kernels`, or the kernel's own
+    context below); ``devices``: the device types it runs on (tests add "cpu", where Triton's interpreter runs it);
+    ``unbuildable``: Triton could not build it for this GPU (then off for the process, whatever ``enabled`` says)."""
 
-    enabled = True
-    devices = ("cuda",)
-    unbuildable = False  # Triton could not build them for this GPU (then off for the process, whatever `enabled` says)
+    def __init__(self) -> None:
+        self.enabled, self.devices, self.unbuildable = True, ("cuda",), False
+
+    @contextlib.contextmanager
+    def switched(self, enabled: bool) -> Iterator[None]:
+        previous, self.enabled = self.enabled, enabled
+        try:
+            yield
+        finally:
+            self.enabled = previous
 
 
-_ring_decode = _RingDecode()
+_ring_decode = _OurKernel()  # decode attention over a ring, the step's write folded in (`_ring_decode`)
+_narrow_products = _OurKernel()  # the compiled step's weight products, read when its layers are swapped in
 
 
-@contextlib.contextmanager
-def ring_decode_kernel(enabled: bool) -> Iterator[None]:
+def ring_decode_kernel(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Decode with (True) or without (False: the write, then SDPA) the Triton kernels inside the block; a step
     captured earlier replays what it was captured with."""
-    previous, _ring_decode.enabled = _ring_decode.enabled, enabled
-    try:
-        yield
-    finally:
-        _ring_decode.enabled = previous
+    return _ring_decode.switched(enabled)
 
 
-class _NarrowProducts:
-    """Whether the compiled decode step multiplies its few rows by the weights with our Triton kernel
-    (`_narrow_products`): on unless switched off (`exact_kernels`, `narrow_product_kernel`); read when the compiled
-    layers are swapped in. ``devices``: as `_RingDecode`'s."""
-
-    enabled = True
-    devices = ("cuda",)
-    unbuildable = False  # Triton could not build it for this GPU (then cuBLAS for the process)
-
-
-_narrow_products = _NarrowProducts()
-
-
-@contextlib.contextmanager
-def narrow_product_kernel(enabled: bool) -> Iterator[None]:
+def narrow_product_kernel(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Compiled decode steps multiply with (True) or without (False: cuBLAS) our product kernel inside the block;
     a step captured earlier replays what it was captured with."""
-    previous, _narrow_products.enabled = _narrow_products.enabled, enabled
-    try:
-        yield
-    finally:
-        _narrow_products.enabled = previous
+    return _narrow_products.switched(enabled)
 
 
 @contextlib.contextmanager
