@@ -117,11 +117,9 @@ def _rows_of_fused_product(self: torch.nn.Linear, input: torch.Tensor) -> torch.
 
 
 def narrow_launch(weight: torch.Tensor, bias: torch.Tensor | None) -> list[int] | None:
-    """`_narrow_products.launch_for` (Triton imported on first use), or None where Triton is not installed."""
-    try:
-        from ._narrow_products import launch_for
-    except ImportError:
-        return None
+    """`_narrow_products.launch_for`, imported (with Triton, where installed) on first use."""
+    from ._narrow_products import launch_for
+
     return launch_for(weight, bias)
 
 
