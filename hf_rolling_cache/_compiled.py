@@ -11,7 +11,7 @@ import types
 
 import torch
 
-from ._fused import SameProducts, fuse_groups, narrow_forward, narrow_launch
+from ._fused import SameProducts, fuse_groups, narrow_forward, narrow_launch, wrapped
 from .cache import RollingSlidingWindowCache
 
 
@@ -91,11 +91,11 @@ class CompiledLayers:
 
     def _narrow_swaps(self) -> list[tuple]:
         """A forward multiplying by our kernel (`_narrow_products`) for each plain product outside the fused groups
-        whose weight the kernel takes, and that nobody else's code wraps (a hook, a forward of its own)."""
+        whose weight the kernel takes, and that nobody else's code wraps (`_fused.wrapped`)."""
         fused = {id(part) for group in self.groups for part in group.parts}
         swaps = []
         for linear in self._linears:
-            if id(linear) in fused or linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear):
+            if id(linear) in fused or wrapped(linear):
                 continue
             launch = narrow_launch(linear.weight, linear.bias)
             if launch is not None:

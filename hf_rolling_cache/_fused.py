@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 # Sibling projections that read the same input, in the order a decoder layer calls them.
@@ -124,9 +123,7 @@ def narrow_launch(weight: torch.Tensor, bias: torch.Tensor | None) -> list[int] 
 
 
 def _product(input, weight, bias, launch):
-    if launch is None:
-        return F.linear(input, weight, bias)
-    from ._narrow_products import product
+    from ._narrow_products import product  # imported already: the launch came from it
 
     return product(input, weight, bias, launch)
 
@@ -158,8 +155,8 @@ def _fusable(parts, storages: Counter) -> bool:
         return False  # absent, or a subclass (quantized, LoRA) whose forward is not a plain product
     first = parts[0]
     for part in parts:
-        if part._forward_hooks or part._forward_pre_hooks or hasattr(part, "_hf_hook") or "forward" in vars(part):
-            return False  # someone else's code runs around this module's forward
+        if wrapped(part):
+            return False
         for param in (part.weight, part.bias):
             if param is None:
                 continue
@@ -173,6 +170,12 @@ def _fusable(parts, storages: Counter) -> bool:
         ) or (part.bias is not None and part.bias.dtype != first.bias.dtype):
             return False
     return True
+
+
+def wrapped(module: torch.nn.Module) -> bool:
+    """Someone else's code runs around ``module``'s forward: a hook, Accelerate's, or a forward of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
+                or "forward" in vars(module))
 
 
 def _plain(tensor: torch.Tensor) -> bool:

@@ -109,6 +109,12 @@ class _OurKernel:
     def __init__(self) -> None:
         self.enabled, self.devices, self.unbuildable = True, ("cuda",), False
 
+    def cannot_build(self, error: Exception, kernels: str, instead: str) -> None:
+        """Triton refused to build ``kernels`` for this GPU: off for the process, and say so once."""
+        self.unbuildable = True
+        logger.warning("Triton could not build the %s for this GPU (%s: %s); %s instead.",
+                       kernels, type(error).__name__, error, instead)
+
     @contextlib.contextmanager
     def switched(self, enabled: bool) -> Iterator[None]:
         previous, self.enabled = self.enabled, enabled
@@ -324,9 +330,7 @@ def ring_attention(query, new_keys, new_values, slot_keys, slot_values, rows, ke
             query, new_keys, new_values, slot_keys, slot_values, rows, keep, kv_seqlens, key_span, scaling
         )
     except module.compile_errors() as error:
-        _ring_decode.unbuildable = True
-        logger.warning("Triton could not build the decode kernels for this GPU (%s: %s); decoding with SDPA instead.",
-                       type(error).__name__, error)
+        _ring_decode.cannot_build(error, "decode kernels", "decoding with SDPA")
         return None
 
 

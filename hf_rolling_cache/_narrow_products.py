@@ -24,7 +24,6 @@ interpreter (``TRITON_INTERPRET=1`` before Triton is imported, as ``tests/confte
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,6 @@ try:
 except ImportError:  # CPU installs without Triton: cuBLAS (or the CPU's BLAS) multiplies
     triton = tl = None
 
-logger = logging.getLogger(__name__)
 
 # Input rows a product of this kind takes (padded to one tile of 16; more rows are no longer bandwidth-bound alone).
 MAX_ROWS = 16
@@ -147,9 +145,7 @@ def narrow_linear_op(
             with on_device:
                 return narrow_linear(input, weight, bias, launch)
         except compile_errors() as error:
-            switch.unbuildable = True
-            logger.warning("Triton could not build the decode product kernel for this GPU (%s: %s); multiplying "
-                           "with cuBLAS instead.", type(error).__name__, error)
+            switch.cannot_build(error, "decode product kernel", "multiplying with cuBLAS")
     return F.linear(input, weight, bias)
 
 

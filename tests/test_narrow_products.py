@@ -138,7 +138,7 @@ def test_a_kernel_triton_cannot_build_falls_back_to_f_linear_and_says_so(on_ever
 
     monkeypatch.setattr(_narrow_products, "narrow_linear", refused)
     warnings = []
-    monkeypatch.setattr(_narrow_products.logger, "warning", lambda message, *args: warnings.append(message % args))
+    monkeypatch.setattr(_kernels.logger, "warning", lambda message, *args: warnings.append(message % args))
     generator = torch.Generator().manual_seed(4)
     weight, x = torch.randn(64, 128, generator=generator) / 128**0.5, torch.randn(2, 128, generator=generator)
     launch = _narrow_products.launch_for(weight)
