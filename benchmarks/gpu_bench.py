@@ -73,6 +73,12 @@ PATHS = {
     "rolling_graphs_compiled_cublas": ("rolling_xformers", rolling_cache, "window"),
     # compiled, our kernels launched without programmatic dependent launch (its baseline)
     "rolling_graphs_compiled_nopdl": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, only our kernels launched as programmatic dependent launches, not inductor's (its baseline)
+    "rolling_graphs_compiled_kernelpdl": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, the MLP's activation a kernel of inductor's after the gate/up product (as before `gated_swap`)
+    "rolling_graphs_compiled_ungated": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, neither the activation nor the residual add in the products' kernels (as before either)
+    "rolling_graphs_compiled_unfolded": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
@@ -177,8 +183,11 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
         hf_rolling_cache.release_cuda_graphs(model)
         compile = path.startswith("rolling_graphs_compiled")
-        unfused = mock.patch("hf_rolling_cache._compiled.fuse_groups", lambda *args: [])
-        with unfused if path.endswith("_unfused") else contextlib.nullcontext():
+        with contextlib.ExitStack() as built:
+            if path.endswith("_unfused"):
+                built.enter_context(mock.patch("hf_rolling_cache._compiled.fuse_groups", lambda *args: []))
+            if path.endswith("_kernelpdl"):
+                built.enter_context(mock.patch("hf_rolling_cache._compiled.INDUCTOR_DEPENDENT_LAUNCH", False))
             hf_rolling_cache.use_cuda_graphs(model, compile=compile)
     else:
         hf_rolling_cache.release_cuda_graphs(model)
@@ -193,6 +202,11 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
             options.enter_context(_kernels.ring_decode_kernel(False))
         if path.endswith("_cublas"):
             options.enter_context(_kernels.narrow_product_kernel(False))
+        if path.endswith(("_ungated", "_unfolded")):
+            options.enter_context(mock.patch("hf_rolling_cache._compiled.gated_swap", lambda group: None))
+        if path.endswith("_unfolded"):  # (another pass: inductor's cache must not hand back the folded code)
+            options.enter_context(mock.patch("hf_rolling_cache._fused._fold_residual_adds", lambda graph: None))
+            options.enter_context(mock.patch("hf_rolling_cache._fused.SameProducts.uuid", lambda self: b"unfolded"))
         if path.endswith("_nopdl"):
             options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,

@@ -1,8 +1,8 @@
 """The compiled decoder layers of `use_cuda_graphs(model, compile=True)`: each layer's forward through
 ``torch.compile``, its q/k/v and gate/up products fused (`_fused`), and every plain product of the step (the
-head's too) multiplied by our kernel for a few rows where it applies (`_narrow_products`), installed only while a
-decode step is warmed up and captured (`CompiledLayers.swapped_in`), so every other call runs the user's modules
-untouched."""
+head's too) multiplied by our kernel for a few rows where it applies (`_narrow_products`; a SiLU MLP's activation
+and a layer's residual add inside it), installed only while a decode step is warmed up and captured
+(`CompiledLayers.swapped_in`), so every other call runs the user's modules untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import types
 
 import torch
 
-from ._fused import SameProducts, fuse_groups, narrow_forward, narrow_launch, wrapped
+from . import _ring_decode
+from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
 from .cache import RollingSlidingWindowCache
 
 
@@ -43,7 +44,7 @@ class CompiledLayers:
             linears.append(head)
         self._linears = list({id(linear): linear for linear in linears}.values())  # a module shared by layers: once
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
-        options = {"post_grad_custom_pre_pass": SameProducts()} if backend == "inductor" else None  # one product each
+        options = _inductor_options() if backend == "inductor" else None
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
         self._backend = backend
         self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
@@ -76,6 +77,7 @@ class CompiledLayers:
                 else:  # a parameter replaced since (model.to, a new Parameter): that group runs unfused from now on
                     group.separate()
                     self.groups.remove(group)
+            swaps += [swap for group in self.groups if (swap := gated_swap(group)) is not None]
             swaps += self._narrow_swaps()
             previous += [vars(obj).get(name, _UNSET) for obj, name, _ in swaps[len(previous):]]
             for obj, name, replacement in swaps:
@@ -121,3 +123,18 @@ class CompiledLayers:
 
 
 _UNSET = object()
+
+# Whether inductor's kernels are programmatic dependent launches where ours are (`_inductor_options`).
+INDUCTOR_DEPENDENT_LAUNCH = True
+
+
+def _inductor_options() -> dict:
+    """Our post-grad pass (one product per fused group, residual adds in the products: `SameProducts`), and, where
+    our kernels are programmatic dependent launches (`_ring_decode.dependent_launch`), inductor's too (its
+    ``triton.enable_pdl``, which it applies on Hopper and later only): each of its kernels then waits for the kernel
+    before it just before reading what that one wrote, and lets the next start only after that wait, so every
+    kernel still starts after all but its predecessor are done."""
+    options = {"post_grad_custom_pre_pass": SameProducts()}
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (PyTorch 2.9 and later)
+        options["triton.enable_pdl"] = INDUCTOR_DEPENDENT_LAUNCH and _ring_decode._CONFIG["dependent_launch"]
+    return options

@@ -28,8 +28,9 @@ _WEIGHT, _BIAS = "_hf_rolling_cache_fused_weight", "_hf_rolling_cache_fused_bias
 class FusedGroup:
     """Sibling ``nn.Linear`` modules whose weights (and biases) are rows of one buffer."""
 
-    def __init__(self, parts: list[torch.nn.Linear]) -> None:
+    def __init__(self, parts: list[torch.nn.Linear], owner: torch.nn.Module | None = None) -> None:
         self.parts = parts
+        self.owner = owner  # the module that calls them (the attention, the MLP)
         first = parts[0]
         rows = [part.out_features for part in parts]
         self.weight = torch.empty(sum(rows), first.in_features, dtype=first.weight.dtype, device=first.weight.device)
@@ -102,6 +103,58 @@ class FusedGroup:
                     vars(part).pop(name, None)
 
 
+def gated_swap(group: FusedGroup) -> tuple[torch.nn.Module, str, types.MethodType] | None:
+    """For a fused gate/up group, swapped in, whose MLP is the usual ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Llama's
+    and its copies': Mistral, Qwen2, Qwen3, ...) and that nobody wraps: a forward of that MLP computing
+    ``silu(gate) * up`` in the gate/up product's kernel (`_narrow_products.gated_product`), one kernel and one
+    pass over the activations fewer a layer. None for any other group or MLP."""
+    mlp = group.owner
+    if mlp is None or [mlp._modules.get(name) for name in GROUPS[1]] != group.parts:
+        return None
+    gate, up = group.parts
+    if getattr(gate, "fused_launch", None) is None:
+        return None  # the group's product is cuBLAS's here (`narrow_launch`): the MLP keeps its forward
+    activation = mlp._modules.get("act_fn")
+    if gate.out_features != up.out_features or type(activation) not in _SILU or wrapped(activation):
+        return None
+    if wrapped(mlp) or not isinstance(mlp._modules.get("down_proj"), torch.nn.Module):
+        return None
+    if not _same_code(getattr(type(mlp).forward, "__code__", None), _gated_mlp_reference.__code__):
+        return None  # a forward of its own: it may not compute what the kernel does
+    return mlp, "forward", types.MethodType(_gated_mlp_forward, mlp)
+
+
+def _gated_mlp_reference(self, x):  # Transformers' LlamaMLP.forward, word for word: the form `gated_swap` takes
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from ._narrow_products import gated_product  # imported already: the group's launch came from it
+
+    gate = self.gate_proj
+    return self.down_proj(gated_product(x, getattr(gate, _WEIGHT), getattr(gate, _BIAS), gate.fused_launch))
+
+
+def _same_code(code: types.CodeType | None, reference: types.CodeType) -> bool:
+    """The same instructions on the same names and constants (line numbers and the file aside)."""
+    return code is not None and all(
+        getattr(code, field) == getattr(reference, field)
+        for field in ("co_code", "co_names", "co_consts", "co_varnames", "co_argcount")
+    )
+
+
+def _silu_modules() -> tuple[type, ...]:
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return (torch.nn.SiLU,)
+    return (torch.nn.SiLU, SiLUActivation)
+
+
+_SILU = _silu_modules()
+
+
 def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
     """``param`` is the view ``rows`` of the buffer: same place, shape, strides and dtype."""
     return (
@@ -146,7 +199,7 @@ def fuse_groups(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[F
             for names in GROUPS:
                 parts = [module._modules.get(name) for name in names]
                 if _fusable(parts, storages):
-                    groups.append(FusedGroup(parts))
+                    groups.append(FusedGroup(parts, module))
     return groups
 
 
@@ -184,11 +237,16 @@ def _plain(tensor: torch.Tensor) -> bool:
 
 
 class SameProducts(CustomGraphPass):
-    """Inductor's post-grad pass that keeps one of identical products (and of the identical views that feed them):
-    a fused group's parts each ask for the same product of the same input. CSE of pure, deterministic ops only, on
-    the functional graph (inductor runs it before re-inplacing), and never of a tensor the graph returns."""
+    """Inductor's post-grad pass over the compiled step's products. It keeps one of identical products (and of the
+    identical views that feed them): a fused group's parts each ask for the same product of the same input. CSE of
+    pure, deterministic ops only, on the functional graph (inductor runs it before re-inplacing), and never of a
+    tensor the graph returns. Then it folds a residual add into our product before it (`_fold_residual_adds`)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self._same_products(graph)
+        _fold_residual_adds(graph)
+
+    def _same_products(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         pure = {aten.mm.default, aten.addmm.default, aten.view.default, aten._unsafe_view.default,
                 aten.reshape.default, aten.permute.default, aten.t.default, aten.expand.default}
@@ -207,6 +265,41 @@ class SameProducts(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
+
+
+def _fold_residual_adds(graph: torch.fx.Graph) -> None:
+    """``residual + product`` (a decoder layer's add after its o and down products) as one operator,
+    ``narrow_linear_add``, where the product is our kernel's and nothing else reads it: the sum happens in the
+    product's kernel, and the step has one elementwise kernel fewer a layer. Only a plain add of two tensors of the
+    same shape and dtype (no broadcast, no promotion, no ``alpha``), so the sum is the same float32 add, rounded
+    once, that inductor's kernel did."""
+    ops = torch.ops.hf_rolling_cache
+    if not hasattr(ops, "narrow_linear_add"):  # registered once `_narrow_products` is imported
+        return
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or node.kwargs:
+            continue
+        if len(node.args) != 2 or not all(isinstance(arg, torch.fx.Node) for arg in node.args):
+            continue
+        for product, residual in (node.args[::-1], node.args):
+            if (
+                product.target is ops.narrow_linear.default and not product.kwargs and len(product.users) == 1
+                and product is not residual and _same_tensor_kind(product, residual, node)
+            ):
+                with graph.inserting_before(node):
+                    fused = graph.call_function(ops.narrow_linear_add.default, (*product.args, residual))
+                fused.meta.update(node.meta)
+                node.replace_all_uses_with(fused)
+                graph.erase_node(node)
+                graph.erase_node(product)
+                break
+
+
+def _same_tensor_kind(*nodes: torch.fx.Node) -> bool:
+    values = [node.meta.get("val") for node in nodes]
+    if not all(isinstance(value, torch.Tensor) for value in values):
+        return False
+    return all(value.shape == values[0].shape and value.dtype == values[0].dtype for value in values)
 
 
 def _returned(node: torch.fx.Node) -> bool:

@@ -8,6 +8,11 @@ whole length in steps of ``BLOCK_K`` columns, the tiles pipelined by Triton: no 
 byte read once, in rows of contiguous columns. The few input rows (padded to 16, the tensor cores' narrowest
 tile) are re-read from cache by each program.
 
+The kernel also serves two folds of the compiled step: a SiLU MLP's ``silu(gate) * up`` computed in its fused
+gate/up product's epilogue (`gated_product`, for `_fused.gated_swap`), and a residual added in a product's epilogue
+(``narrow_linear_add``, made by `_fused.SameProducts` of a decoder layer's add), each rounded where the eager code
+rounds; each is one elementwise kernel fewer a layer.
+
 On Hopper GPUs the kernel is a programmatic dependent launch (`_ring_decode.dependent_launch`): it may start while
 the kernel before it finishes, and waits for it (``gdc_wait``) before reading its input. In a captured step of
 Mistral-7B (B=1 and 8) that gave 2% over the same kernel launched plainly, which gave 1.5-2% over cuBLAS
@@ -54,23 +59,30 @@ if tl is not None:
 
     @triton.jit
     def _narrow_product(
-        X, W, BIAS, Y, rows, columns,
-        stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        X, W, BIAS, RESIDUAL, Y, rows, columns, half,
+        stride_xm, stride_wn, stride_rm, stride_ym,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
-        # One program: weight rows [n0, n0 + BLOCK_N) against every input row, over all ``columns`` (a multiple of
-        # BLOCK_K, as the weight's row count is of BLOCK_N: the launcher checks, so only input rows are masked).
-        n0 = tl.program_id(0) * BLOCK_N
+        # One program: BLOCK_N weight rows against every input row, over all ``columns`` (a multiple of BLOCK_K, as
+        # the weight's row count is of BLOCK_N: the launcher checks, so only input rows are masked). Plainly rows
+        # [n0, n0 + BLOCK_N); GATED, output columns [j0, j0 + BLOCK_N / 2) of ``silu(gate) * up``, the gate's rows
+        # (the weight's first ``half``) and the up's (the second) interleaved, so each gate row meets its up row.
+        # HAS_RESIDUAL: ``residual + product``, the add that follows the product in a decoder layer.
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_N)
+        if GATED:
+            j0 = tl.program_id(0) * (BLOCK_N // 2)
+            weight_rows = (offs_r % 2) * half + j0 + offs_r // 2
+        else:
+            weight_rows = tl.program_id(0) * BLOCK_N + offs_r
         offs_k = tl.arange(0, BLOCK_K)
         real = offs_m[:, None] < rows
         if PDL:  # launched before the kernel that writes X finished: wait for it here, then let the next start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x_at = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        w_at = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        w_at = W + weight_rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, columns, BLOCK_K):
             x = tl.load(x_at, mask=real, other=0.0)
@@ -82,9 +94,22 @@ if tl is not None:
             x_at += BLOCK_K
             w_at += BLOCK_K
         if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n).to(tl.float32)[None, :]
-        y_at = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_at, acc.to(Y.dtype.element_ty), mask=real)
+            acc += tl.load(BIAS + weight_rows).to(tl.float32)[None, :]
+        if GATED:
+            # As Transformers' eager MLP rounds: each product, then silu(gate), then the product with up, each
+            # to the output's dtype (computed in float32, as PyTorch's kernels do).
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+            gate = gate.to(Y.dtype.element_ty).to(tl.float32)
+            up = up.to(Y.dtype.element_ty).to(tl.float32)
+            gate = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty).to(tl.float32)
+            y_at = Y + offs_m[:, None] * stride_ym + j0 + tl.arange(0, BLOCK_N // 2)[None, :]
+            tl.store(y_at, (gate * up).to(Y.dtype.element_ty), mask=real)
+        else:
+            if HAS_RESIDUAL:  # rounded as the product, then the sum (PyTorch's add computes it in float32)
+                residual = tl.load(RESIDUAL + offs_m[:, None] * stride_rm + weight_rows[None, :], mask=real)
+                acc = acc.to(Y.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
+            y_at = Y + offs_m[:, None] * stride_ym + weight_rows[None, :]
+            tl.store(y_at, acc.to(Y.dtype.element_ty), mask=real)
 
 
 def launch_for(weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[int] | None:
@@ -127,9 +152,25 @@ def product(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``F.linear(input, weight, bias)``: by our kernel where ``launch`` (`launch_for` the weight) is given and the
     input has at most `MAX_ROWS` rows of the weight's dtype, else by ``F.linear``. Traced by the compiler: the
     checks are on shapes and dtypes only."""
-    if launch is None or input.dtype != weight.dtype or input.numel() > MAX_ROWS * input.shape[-1]:
+    if not _ours(input, weight, launch):
         return F.linear(input, weight, bias)
     return torch.ops.hf_rolling_cache.narrow_linear(input, weight, bias, launch)
+
+
+def gated_product(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int] | None
+) -> torch.Tensor:
+    """``silu(gate) * up`` of a gated MLP whose gate and up weights are the first and second half of ``weight``'s
+    rows (a fused group's buffer): the product and its activation in one kernel where ``launch`` applies, as
+    `product` decides; else ``F.linear``, then the activation, as the MLP computes them."""
+    if not _ours(input, weight, launch):
+        gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return torch.ops.hf_rolling_cache.gated_narrow_linear(input, weight, bias, launch)
+
+
+def _ours(input: torch.Tensor, weight: torch.Tensor, launch: list[int] | None) -> bool:
+    return launch is not None and input.dtype == weight.dtype and input.numel() <= MAX_ROWS * input.shape[-1]
 
 
 @torch.library.custom_op("hf_rolling_cache::narrow_linear", mutates_args=())
@@ -138,15 +179,8 @@ def narrow_linear_op(
 ) -> torch.Tensor:
     """`narrow_linear` as an operator the compiler keeps whole. If Triton cannot build the kernel for this GPU,
     a warning says so once and products go to ``F.linear`` from then on (in the compiled code too)."""
-    switch = _kernels._narrow_products
-    if not switch.unbuildable:
-        on_device = torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext()
-        try:
-            with on_device:
-                return narrow_linear(input, weight, bias, launch)
-        except compile_errors() as error:
-            switch.cannot_build(error, "decode product kernel", "multiplying with cuBLAS")
-    return F.linear(input, weight, bias)
+    out = _built(narrow_linear, input, weight, bias, launch)
+    return F.linear(input, weight, bias) if out is None else out
 
 
 @narrow_linear_op.register_fake
@@ -154,11 +188,62 @@ def _(input, weight, bias, launch):
     return input.new_empty(*input.shape[:-1], weight.shape[0])
 
 
-def narrow_linear(
+@torch.library.custom_op("hf_rolling_cache::gated_narrow_linear", mutates_args=())
+def gated_narrow_linear_op(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int]
 ) -> torch.Tensor:
+    """`gated_product` by our kernel as an operator the compiler keeps whole (``F.linear`` and the activation if
+    Triton cannot build it)."""
+    out = _built(narrow_linear, input, weight, bias, launch, gated=True)
+    if out is None:
+        gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return out
+
+
+@gated_narrow_linear_op.register_fake
+def _(input, weight, bias, launch):
+    return input.new_empty(*input.shape[:-1], weight.shape[0] // 2)
+
+
+@torch.library.custom_op("hf_rolling_cache::narrow_linear_add", mutates_args=())
+def narrow_linear_add_op(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int], residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + narrow_linear(input, ...)``, the sum in the product's kernel: what the compiled step's pass
+    (`_fused.SameProducts`) makes of a decoder layer's residual add after its product (``residual + F.linear``
+    if Triton cannot build the kernel)."""
+    out = _built(narrow_linear, input, weight, bias, launch, residual=residual)
+    return residual + F.linear(input, weight, bias) if out is None else out
+
+
+@narrow_linear_add_op.register_fake
+def _(input, weight, bias, launch, residual):
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+def _built(kernel, *args, **kwargs) -> torch.Tensor | None:
+    """``kernel(*args)`` on the input's device, or None once Triton could not build it (warned once)."""
+    switch = _kernels._narrow_products
+    if switch.unbuildable:
+        return None
+    on_device = torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext()
+    try:
+        with on_device:
+            return kernel(*args, **kwargs)
+    except compile_errors() as error:
+        switch.cannot_build(error, "decode product kernel", "multiplying with cuBLAS")
+        return None
+
+
+def narrow_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int], gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` for an input of at most `MAX_ROWS` rows by our kernel, launched as
-    ``launch`` says (`launch_for`; the benchmark's grid passes its own), whose tiles divide the weight."""
+    ``launch`` says (`launch_for`; the benchmark's grid passes its own), whose tiles divide the weight; ``gated``:
+    `gated_product`'s ``silu(gate) * up`` of it instead, half as many columns; ``residual`` (the output's shape and
+    dtype): ``residual + F.linear(...)``."""
     block_n, block_k, num_warps, num_stages = launch
     columns = weight.shape[1]
     x = input.reshape(-1, columns)
@@ -166,12 +251,18 @@ def narrow_linear(
         x = x.contiguous()
     rows, out_features = x.shape[0], weight.shape[0]
     assert rows <= MAX_ROWS and out_features % block_n == 0 and columns % block_k == 0, (rows, weight.shape, launch)
-    out = x.new_empty(rows, out_features)
+    out = x.new_empty(rows, out_features // 2 if gated else out_features)
+    if residual is not None:
+        assert not gated and residual.shape == (*input.shape[:-1], out_features) and residual.dtype == out.dtype
+        residual = residual.reshape(rows, out_features)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    added = residual if residual is not None else out  # (not read without a residual)
     _narrow_product[(out_features // block_n,)](
-        x, weight, bias if bias is not None else weight, out, rows, columns,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=weight.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
-        **_dependent_launch(weight),
+        x, weight, bias if bias is not None else weight, added, out, rows, columns, out_features // 2,
+        x.stride(0), weight.stride(0), added.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATED=gated, BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, IEEE=weight.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages, **_dependent_launch(weight),
     )
-    return out.view(*input.shape[:-1], out_features)
+    return out.view(*input.shape[:-1], out.shape[-1])

@@ -212,3 +212,84 @@ def test_tensor_parallel_shards_stay_unfused():
         assert [tuple(g.parts) for g in groups] == [(layer.mlp.gate_proj, layer.mlp.up_proj)]
     finally:
         dist.destroy_process_group()
+
+
+def test_only_the_usual_silu_mlp_computes_its_activation_in_the_product(monkeypatch):
+    """`gated_swap` takes a swapped-in gate/up group whose MLP is Llama's ``down(silu(gate(x)) * up(x))`` (here
+    Mistral's copy), and leaves alone: a q/k/v group, another activation, an MLP or activation someone hooks, an
+    MLP class with a forward of its own, and a group whose product is not our kernel's."""
+    pytest.importorskip("hf_rolling_cache._narrow_products")
+    from hf_rolling_cache import _kernels
+    from hf_rolling_cache._fused import gated_swap
+
+    monkeypatch.setattr(_kernels._narrow_products, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", False)
+    _, model = model_pair(tiny_config(WINDOW, layers=1))
+    mlp = model.model.layers[0].mlp
+    attention_group, mlp_group = fuse_groups(model, list(model.model.layers))
+
+    def swap(group):
+        with group.swapped_in():
+            return gated_swap(group)
+
+    assert swap(attention_group) is None
+    owner, name, forward = swap(mlp_group)
+    assert owner is mlp and name == "forward" and forward.__self__ is mlp
+    silu = mlp.act_fn
+    mlp.act_fn = torch.nn.GELU()
+    assert swap(mlp_group) is None
+    mlp.act_fn = silu
+    handle = silu.register_forward_hook(lambda *args: None)
+    assert swap(mlp_group) is None
+    handle.remove()
+    handle = mlp.register_forward_pre_hook(lambda *args: None)
+    assert swap(mlp_group) is None
+    handle.remove()
+
+    class Doubled(type(mlp)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    usual = type(mlp)
+    mlp.__class__ = Doubled
+    assert swap(mlp_group) is None
+    mlp.__class__ = usual
+    with _kernels.narrow_product_kernel(False):
+        assert swap(mlp_group) is None
+    assert swap(mlp_group) is not None
+
+
+def test_a_residual_add_folds_into_a_lone_product_of_ours_only():
+    """`_fold_residual_adds` on a traced graph: ``residual + product`` (either order) becomes one operator with the
+    same values; an add with a broadcast, a promotion or an ``alpha``, and a product something else also reads,
+    stay as they were."""
+    _narrow_products = pytest.importorskip("hf_rolling_cache._narrow_products")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hf_rolling_cache._fused import _fold_residual_adds
+
+    ops = torch.ops.hf_rolling_cache
+    launch = [16, 32, 4, 2]
+
+    def step(x, weight, residual, row, wide):
+        first = residual + ops.narrow_linear(x, weight, None, launch)  # folds
+        second = ops.narrow_linear(first, weight, None, launch) + first  # folds: the other order
+        third = ops.narrow_linear(second, weight, None, launch) + row  # a broadcast row: stays
+        fourth = torch.add(ops.narrow_linear(third, weight, None, launch), third, alpha=2)  # stays
+        fifth = ops.narrow_linear(fourth, weight, None, launch) + wide  # float64: promoted, stays
+        shared = ops.narrow_linear(fourth, weight, None, launch)
+        return fifth, shared + fourth, shared * 2  # read twice: stays
+
+    generator = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 1, 32, generator=generator), torch.randn(2, 1, 32, generator=generator)
+    weight = torch.randn(32, 32, generator=generator) / 8
+    row, wide = torch.randn(32, generator=generator), torch.randn(2, 1, 32, generator=generator, dtype=torch.float64)
+    inputs = (x, weight, residual, row, wide)
+    traced = make_fx(step)(*inputs)
+    _fold_residual_adds(traced.graph)
+    traced.recompile()
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert targets.count(ops.narrow_linear_add.default) == 2
+    assert targets.count(ops.narrow_linear.default) == 4 and targets.count(torch.ops.aten.add.Tensor) == 4
+    for got, expected in zip(traced(*inputs), step(*inputs)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

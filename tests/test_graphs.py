@@ -188,3 +188,18 @@ def test_use_cuda_graphs_without_cuda_warns_once():
         warnings.simplefilter("error")
         use_cuda_graphs(model)  # once per process
     release_cuda_graphs(model)
+
+
+def test_inductor_launches_its_kernels_dependently_where_ours_are(monkeypatch):
+    """Inductor's kernels of the compiled step are programmatic dependent launches exactly when ours are (inductor
+    itself keeps them plain off Hopper), and the benchmark's switch turns only theirs off."""
+    from hf_rolling_cache import _compiled, _ring_decode
+
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        pytest.skip("this PyTorch's inductor has no programmatic dependent launch")
+    assert _compiled._inductor_options()["triton.enable_pdl"] is True
+    monkeypatch.setitem(_ring_decode._CONFIG, "dependent_launch", False)
+    assert _compiled._inductor_options()["triton.enable_pdl"] is False
+    monkeypatch.setitem(_ring_decode._CONFIG, "dependent_launch", True)
+    monkeypatch.setattr(_compiled, "INDUCTOR_DEPENDENT_LAUNCH", False)
+    assert _compiled._inductor_options()["triton.enable_pdl"] is False

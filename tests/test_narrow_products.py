@@ -31,13 +31,15 @@ def on_every_device(monkeypatch):
 
 @pytest.fixture
 def product_calls(monkeypatch, on_every_device) -> list[tuple]:
-    """Every call of the kernel: (rows, weight shape)."""
+    """Every call of the kernel: (rows, weight shape), the shape followed by "gated" for `gated_product`'s and by
+    "added" for a product with a residual."""
     calls = []
     run = _narrow_products.narrow_linear
 
-    def counted(input, weight, *args):
-        calls.append((input.numel() // input.shape[-1], tuple(weight.shape)))
-        return run(input, weight, *args)
+    def counted(input, weight, *args, gated=False, residual=None):
+        kind = ("gated",) if gated else ("added",) if residual is not None else ()
+        calls.append((input.numel() // input.shape[-1], tuple(weight.shape) + kind))
+        return run(input, weight, *args, gated=gated, residual=residual)
 
     monkeypatch.setattr(_narrow_products, "narrow_linear", counted)
     return calls
@@ -66,6 +68,33 @@ def test_every_launch_kind_multiplies_as_f_linear(on_every_device, monkeypatch, 
             tolerance = 2e-5 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance)
             assert got.dtype == dtype and got.shape == (rows, out_features)
+
+
+@pytest.mark.parametrize("out_features", [64, 768, 2048], ids=["one-wave", "one-wide-wave", "many-waves"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_products_give_the_mlps_activation(on_every_device, monkeypatch, out_features, dtype):
+    """``silu(gate) * up`` of a gate/up weight (gate's rows first), every launch kind: as the MLP computes it from
+    the products, rounded where it rounds (to the dtype after each product and after the activation), with and
+    without a bias, rows 1 to 16. float16 to one unit in its last place (the kernel's exp is not PyTorch's)."""
+    monkeypatch.setattr(_narrow_products, "_multiprocessors", lambda device: 16)
+    generator = torch.Generator().manual_seed(out_features + 1)
+    weight = (torch.randn(out_features, 1024, generator=generator) / 1024**0.5).to(DEVICE, dtype)
+    bias = torch.randn(out_features, generator=generator).to(DEVICE, dtype)
+    launch = _narrow_products.launch_for(weight, bias)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, 1, 1024, generator=generator).to(DEVICE, dtype)
+        for b in (None, bias):
+            got = _narrow_products.gated_product(x, weight, b, launch)
+            products = F.linear(x.float(), weight.float(), None if b is None else b.float()).to(dtype)
+            gate, up = products.chunk(2, dim=-1)
+            expected = F.silu(gate.float()).to(dtype).float() * up.float()
+            assert got.dtype == dtype and got.shape == (rows, 1, out_features // 2)
+            tolerance = 2e-5 if dtype == torch.float32 else 2 * 2**-10 * expected.abs().max().item()
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance)
+    # without a launch (or with too many rows): the same activation after F.linear
+    x = torch.randn(17, 1024, generator=generator).to(DEVICE, dtype)
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    torch.testing.assert_close(_narrow_products.gated_product(x, weight, bias, launch), F.silu(gate) * up)
 
 
 def test_strided_and_batched_inputs(on_every_device):
@@ -151,8 +180,9 @@ def test_a_kernel_triton_cannot_build_falls_back_to_f_linear_and_says_so(on_ever
 @interpreted
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_the_compiled_step_multiplies_with_the_kernel(product_calls):
-    """Inductor keeps the operator whole and one product per fused group (four a layer, no cuBLAS call left);
-    the head (vocabulary 160: tiles divide it) multiplies eagerly with the kernel too. Logits: eager's, and
+    """Inductor keeps the operators whole and one product per fused group (four a layer, no cuBLAS call left), the
+    MLP's activation computed in its gate/up product (no kernel of inductor's computes it) and the residual add in
+    the down product; the head (vocabulary 160: tiles divide it) multiplies eagerly with the kernel too. Logits: eager's, and
     Transformers' to 1e-4."""
     from torch._inductor.utils import run_and_get_code
 
@@ -167,7 +197,11 @@ def test_the_compiled_step_multiplies_with_the_kernel(product_calls):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     code = "\n".join(codes)
     products = code.count("torch.ops.hf_rolling_cache.narrow_linear.default(")
-    assert products == 4 and "extern_kernels.mm(" not in code and "extern_kernels.addmm(" not in code
+    gated = code.count("torch.ops.hf_rolling_cache.gated_narrow_linear.default(")
+    added = code.count("torch.ops.hf_rolling_cache.narrow_linear_add.default(")  # the down product and its add
+    assert (products, gated, added) == (2, 1, 1)
+    assert "extern_kernels.mm(" not in code and "extern_kernels.addmm(" not in code
+    assert "silu" not in code and "exp(" not in code
     heads = [call for call in product_calls if call[1] == (160, 64)]
     assert len(heads) == 3 and all(rows == 3 for rows, _ in heads)  # the head, once a step
     for linear in compiled._linears:  # nothing of ours left on the modules
@@ -213,7 +247,7 @@ def test_a_product_shared_by_two_layers_is_swapped_once_and_put_back(product_cal
 @pytest.mark.gpu
 def test_bfloat16_launches_on_the_gpu_eager_and_captured():
     """Each launch kind on an H100's shapes (o, q/k/v, a many-wave weight) in bfloat16 against float32 products of
-    the same values, rows 1 to 16 of strided 3-D inputs, with a bias; then captured in a CUDA graph right after the
+    the same values (and their gated activation), rows 1 to 16 of strided 3-D inputs, with a bias; then captured in a CUDA graph right after the
     kernel that writes its input (a dependent launch must wait for that one)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the kernel serves Hopper and later")
@@ -231,6 +265,10 @@ def test_bfloat16_launches_on_the_gpu_eager_and_captured():
             got = _narrow_products.narrow_linear(x, weight, bias, launch)
             expected = F.linear(x.float(), weight.float(), bias.float())
             torch.testing.assert_close(got.float(), expected, rtol=0, atol=8e-3 * expected.abs().max().item())
+            gate, up = F.linear(x.float(), weight.float(), bias.float()).chunk(2, dim=-1)
+            expected = F.silu(gate) * up
+            got = _narrow_products.gated_product(x, weight, bias, launch)
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
 
     weight = randn(4096, 4096) / 64
     launch = _narrow_products.launch_for(weight)
