@@ -10,7 +10,9 @@
 Mistral-7B shape (`MistralConfig()` defaults, sliding_window 4096) by default, or Gemma-3-12B shape (hybrid: 48
 layers, 5 sliding with window 1024 to 1 global, 16/8 heads of 256, vocab 262208), with random bf16 weights, prompts
 of random tokens, greedy. Prints a table and writes JSON (``--json``). Decode tokens/s are measured between the tokens of one
-generation, after its first decode step (a CUDA graph's capture); compilation is a reported warm-up.
+generation, after its first decode step (a CUDA graph's capture); compilation is a reported warm-up. On a GPU each
+decode row also prints its floor: the rate if every step only read every weight and the whole cache once, at the
+copy bandwidth measured at the start of the run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -101,6 +104,8 @@ class Result:
     resident_above_weights_gib: float | None = None  # allocated before the run (workspaces, graphs of earlier rows)
     kv_cache_gib: float | None = None
     warmup_s: float | None = None  # graph paths: the first decode graph's warm-up (+ compilation) at this batch
+    # decode: the rate if a step only read every weight and every ring slot once at this run's copy bandwidth
+    floor_tok_s: float | None = None
     error: str | None = None
 
 
@@ -217,10 +222,11 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     return time.perf_counter() - start, cache
 
 
-def measure(model, path, batch, prompt, new_tokens, device, weights_bytes) -> Result:
+def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth_tb_s=None) -> Result:
     """Time to first token and peak memory from a 1-token generation; decode speed from the times between
     tokens of a longer one, past its first decode step. Graph paths first warm up at this batch size
-    (compilation happens once per batch size): reported, not counted."""
+    (compilation happens once per batch size): reported, not counted. With ``bandwidth_tb_s``, the decode floor:
+    ``batch`` tokens per (every weight + the whole cache) / bandwidth."""
     result = Result(path, batch, prompt, new_tokens)
     input_ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     try:
@@ -241,6 +247,8 @@ def measure(model, path, batch, prompt, new_tokens, device, weights_bytes) -> Re
             _, cache = run_generate(model, path, input_ids, new_tokens, device, clock)
             result.decode_tok_s = clock.steady_tokens_per_s(batch)
             result.kv_cache_gib = cache_bytes(cache) / 2**30
+            if bandwidth_tb_s:
+                result.floor_tok_s = batch * bandwidth_tb_s * 1e12 / (weights_bytes + cache_bytes(cache))
             del cache
     except torch.OutOfMemoryError:
         result.error = "OOM"
@@ -261,7 +269,10 @@ def format_row(r: Result) -> str:
     return (f"{r.path:28s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
             f"decode={f(r.decode_tok_s, '.1f')} tok/s peak-weights={f(r.peak_above_weights_gib, '.2f')} GiB "
             f"(resident {f(r.resident_above_weights_gib, '.3f')}) "
-            f"kv={f(r.kv_cache_gib, '.3f')} GiB warm-up={f(r.warmup_s, '.1f')}s {r.error or ''}")
+            f"kv={f(r.kv_cache_gib, '.3f')} GiB warm-up={f(r.warmup_s, '.1f')}s"
+            + ("" if r.floor_tok_s is None or r.decode_tok_s is None else
+               f" floor={r.floor_tok_s:.1f} tok/s ({100 * r.decode_tok_s / r.floor_tok_s:.1f}% of it)")
+            + f" {r.error or ''}")
 
 
 def sweep(model, new_tokens, every, device, compile=False):
@@ -334,9 +345,16 @@ def main() -> None:
     from tqdm import tqdm
 
     new_tokens = 1 if args.mode == "prefill" else args.new
+    bandwidth = None
+    if args.mode == "decode" and device == "cuda":  # the floor of each row, as issue 15 defines it
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (run as a script: the project's root)
+        from benchmarks.profile_decode import read_bandwidth
+
+        bandwidth = results["copy_bandwidth_tb_s"] = read_bandwidth(1.0) / 1e12
+        print(f"copy bandwidth {bandwidth:.2f} TB/s", flush=True)
     grid = [(prompt, batch, path) for prompt in args.prompt for batch in args.batch for path in args.paths]
     for prompt, batch, path in tqdm(grid, desc=args.mode, file=sys.stderr):
-        row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes)
+        row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth)
         results["rows"].append(asdict(row))
         save(results, args.json)  # after every row: a run cut short keeps what it measured
 
