@@ -76,8 +76,8 @@ PATHS = {
     "rolling_graphs_compiled_cublas": ("rolling_xformers", rolling_cache, "window"),
     # compiled, our kernels launched without programmatic dependent launch (its baseline)
     "rolling_graphs_compiled_nopdl": ("rolling_xformers", rolling_cache, "window"),
-    # compiled, only our kernels launched as programmatic dependent launches, not inductor's (its baseline)
-    "rolling_graphs_compiled_kernelpdl": ("rolling_xformers", rolling_cache, "window"),
+    # compiled, inductor's kernels launched as programmatic dependent launches too (off by default: `_compiled`)
+    "rolling_graphs_compiled_inductorpdl": ("rolling_xformers", rolling_cache, "window"),
     # compiled, the MLP's activation a kernel of inductor's after the gate/up product (as before `gated_swap`)
     "rolling_graphs_compiled_ungated": ("rolling_xformers", rolling_cache, "window"),
     # compiled, neither the activation nor the residual add in the products' kernels (as before either)
@@ -191,8 +191,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         with contextlib.ExitStack() as built:
             if path.endswith("_unfused"):
                 built.enter_context(mock.patch("hf_rolling_cache._compiled.fuse_groups", lambda *args: []))
-            if path.endswith("_kernelpdl"):
-                built.enter_context(mock.patch("hf_rolling_cache._compiled.INDUCTOR_DEPENDENT_LAUNCH", False))
+            if path.endswith("_inductorpdl"):
+                built.enter_context(mock.patch("hf_rolling_cache._compiled.INDUCTOR_DEPENDENT_LAUNCH", True))
             hf_rolling_cache.use_cuda_graphs(model, compile=compile)
     else:
         hf_rolling_cache.release_cuda_graphs(model)

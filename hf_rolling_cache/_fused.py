@@ -15,6 +15,7 @@ import contextlib
 import types
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -107,7 +108,8 @@ def gated_swap(group: FusedGroup) -> tuple[torch.nn.Module, str, types.MethodTyp
     """For a fused gate/up group, swapped in, whose MLP is the usual ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Llama's
     and its copies': Mistral, Qwen2, Qwen3, ...) and that nobody wraps: a forward of that MLP computing
     ``silu(gate) * up`` in the gate/up product's kernel (`_narrow_products.gated_product`), one kernel and one
-    pass over the activations fewer a layer. None for any other group or MLP."""
+    pass over the activations fewer a layer. None for any other group or MLP, and wherever a hook would run on the
+    gate, up or activation modules (theirs or global ones), which that forward no longer calls."""
     mlp = group.owner
     if mlp is None or [mlp._modules.get(name) for name in GROUPS[1]] != group.parts:
         return None
@@ -115,9 +117,11 @@ def gated_swap(group: FusedGroup) -> tuple[torch.nn.Module, str, types.MethodTyp
     if getattr(gate, "fused_launch", None) is None:
         return None  # the group's product is cuBLAS's here (`narrow_launch`): the MLP keeps its forward
     activation = mlp._modules.get("act_fn")
-    if gate.out_features != up.out_features or type(activation) not in _SILU or wrapped(activation):
+    if gate.out_features != up.out_features or _SILU.get(type(activation)) is not type(activation).forward:
+        return None  # another activation, or SiLU's forward replaced (a kernel hub's, a patch)
+    if wrapped(activation) or wrapped(mlp) or any(_hooked(part) for part in group.parts) or _global_hooks():
         return None
-    if wrapped(mlp) or not isinstance(mlp._modules.get("down_proj"), torch.nn.Module):
+    if not isinstance(mlp._modules.get("down_proj"), torch.nn.Module):
         return None
     if not _same_code(getattr(type(mlp).forward, "__code__", None), _gated_mlp_reference.__code__):
         return None  # a forward of its own: it may not compute what the kernel does
@@ -144,15 +148,31 @@ def _same_code(code: types.CodeType | None, reference: types.CodeType) -> bool:
     )
 
 
-def _silu_modules() -> tuple[type, ...]:
+def _silu_modules() -> dict[type, object]:
+    """The SiLU modules `gated_swap` takes, each with its own forward (as imported)."""
+    classes = [torch.nn.SiLU]
     try:
         from transformers.activations import SiLUActivation
     except ImportError:
-        return (torch.nn.SiLU,)
-    return (torch.nn.SiLU, SiLUActivation)
+        pass
+    else:
+        classes.append(SiLUActivation)
+    return {cls: cls.forward for cls in classes}
 
 
 _SILU = _silu_modules()
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Hooks of its own on ``module`` (its ``forward`` aside: a fused part's is ours while swapped in)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _global_hooks() -> bool:
+    """Forward hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
@@ -227,8 +247,7 @@ def _fusable(parts, storages: Counter) -> bool:
 
 def wrapped(module: torch.nn.Module) -> bool:
     """Someone else's code runs around ``module``'s forward: a hook, Accelerate's, or a forward of its own."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
-                or "forward" in vars(module))
+    return _hooked(module) or "forward" in vars(module)
 
 
 def _plain(tensor: torch.Tensor) -> bool:
@@ -263,16 +282,17 @@ class SameProducts(CustomGraphPass):
             else:
                 first[key] = node
 
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+    def uuid(self) -> bytes:  # (this pass writes `_narrow_products`' operators: its code is part of the key)
+        return get_hash_for_files((__file__, str(Path(__file__).with_name("_narrow_products.py"))))
 
 
 def _fold_residual_adds(graph: torch.fx.Graph) -> None:
-    """``residual + product`` (a decoder layer's add after its o and down products) as one operator,
-    ``narrow_linear_add``, where the product is our kernel's and nothing else reads it: the sum happens in the
-    product's kernel, and the step has one elementwise kernel fewer a layer. Only a plain add of two tensors of the
-    same shape and dtype (no broadcast, no promotion, no ``alpha``), so the sum is the same float32 add, rounded
-    once, that inductor's kernel did."""
+    """``residual + product`` (a decoder layer's add after its down product; the o product's add falls in another
+    compiled graph, after attention's graph break) as one operator, ``narrow_linear_add``, where the product is our
+    kernel's and nothing else reads it: the sum happens in the product's kernel, and the step has one elementwise
+    kernel fewer a layer. Only a plain add of two tensors of the same shape and dtype (no broadcast, no promotion,
+    no ``alpha``) into a contiguous result, so the sum is the same float32 add, rounded once, that inductor's
+    kernel did."""
     ops = torch.ops.hf_rolling_cache
     if not hasattr(ops, "narrow_linear_add"):  # registered once `_narrow_products` is imported
         return
@@ -285,6 +305,7 @@ def _fold_residual_adds(graph: torch.fx.Graph) -> None:
             if (
                 product.target is ops.narrow_linear.default and not product.kwargs and len(product.users) == 1
                 and product is not residual and _same_tensor_kind(product, residual, node)
+                and node.meta["val"].is_contiguous()
             ):
                 with graph.inserting_before(node):
                     fused = graph.call_function(ops.narrow_linear_add.default, (*product.args, residual))

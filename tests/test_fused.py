@@ -216,8 +216,9 @@ def test_tensor_parallel_shards_stay_unfused():
 
 def test_only_the_usual_silu_mlp_computes_its_activation_in_the_product(monkeypatch):
     """`gated_swap` takes a swapped-in gate/up group whose MLP is Llama's ``down(silu(gate(x)) * up(x))`` (here
-    Mistral's copy), and leaves alone: a q/k/v group, another activation, an MLP or activation someone hooks, an
-    MLP class with a forward of its own, and a group whose product is not our kernel's."""
+    Mistral's copy), and leaves alone: a q/k/v group, another activation, an MLP, activation, gate or up module
+    someone hooks (or a hook on every module), a SiLU whose forward was replaced, an MLP class with a forward of its
+    own, and a group whose product is not our kernel's."""
     pytest.importorskip("hf_rolling_cache._narrow_products")
     from hf_rolling_cache import _kernels
     from hf_rolling_cache._fused import gated_swap
@@ -245,6 +246,18 @@ def test_only_the_usual_silu_mlp_computes_its_activation_in_the_product(monkeypa
     handle = mlp.register_forward_pre_hook(lambda *args: None)
     assert swap(mlp_group) is None
     handle.remove()
+    for part in (mlp.gate_proj, mlp.up_proj):  # the swapped forward does not call the parts: their hooks would not run
+        handle = part.register_forward_hook(lambda module, args, out: out * 2)
+        assert swap(mlp_group) is None
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    assert swap(mlp_group) is None
+    handle.remove()
+    monkeypatch.setattr(type(silu), "forward", lambda self, x: torch.tanh(x))  # a SiLU class whose forward is not
+    assert swap(mlp_group) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(_kernels._narrow_products, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", False)
 
     class Doubled(type(mlp)):
         def forward(self, x):
