@@ -164,9 +164,13 @@ def gated_product(
     rows (a fused group's buffer): the product and its activation in one kernel where ``launch`` applies, as
     `product` decides; else ``F.linear``, then the activation, as the MLP computes them."""
     if not _ours(input, weight, launch):
-        gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _gated_by_f_linear(input, weight, bias)
     return torch.ops.hf_rolling_cache.gated_narrow_linear(input, weight, bias, launch)
+
+
+def _gated_by_f_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _ours(input: torch.Tensor, weight: torch.Tensor, launch: list[int] | None) -> bool:
@@ -195,10 +199,7 @@ def gated_narrow_linear_op(
     """`gated_product` by our kernel as an operator the compiler keeps whole (``F.linear`` and the activation if
     Triton cannot build it)."""
     out = _built(narrow_linear, input, weight, bias, launch, gated=True)
-    if out is None:
-        gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return out
+    return _gated_by_f_linear(input, weight, bias) if out is None else out
 
 
 @gated_narrow_linear_op.register_fake

@@ -195,7 +195,7 @@ def test_product_takes_at_most_sixteen_rows(product_calls):
 def test_a_kernel_triton_cannot_build_falls_back_to_f_linear_and_says_so(on_every_device, monkeypatch):
     from triton.runtime.errors import OutOfResources
 
-    def refused(*args):
+    def refused(*args, **kwargs):
         raise OutOfResources(232448, 101376, "shared memory")
 
     monkeypatch.setattr(_narrow_products, "narrow_linear", refused)
@@ -208,6 +208,14 @@ def test_a_kernel_triton_cannot_build_falls_back_to_f_linear_and_says_so(on_ever
                                F.linear(x, weight), rtol=0, atol=1e-5)
     assert _kernels._narrow_products.unbuildable and len(warnings) == 1 and "cuBLAS" in warnings[0]
     assert _narrow_products.launch_for(weight) is None  # and nothing asks for the kernel again
+    # the gated and residual operators (already compiled code may still call them): the same products, by F.linear
+    gate, up = F.linear(x, weight).chunk(2, dim=-1)
+    torch.testing.assert_close(torch.ops.hf_rolling_cache.gated_narrow_linear(x, weight, None, launch),
+                               F.silu(gate) * up, rtol=0, atol=1e-5)
+    residual = torch.randn(2, 64, generator=generator)
+    torch.testing.assert_close(torch.ops.hf_rolling_cache.narrow_linear_add(x, weight, None, launch, residual),
+                               residual + F.linear(x, weight), rtol=0, atol=1e-5)
+    assert len(warnings) == 1
 
 
 @interpreted
