@@ -246,9 +246,10 @@ def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandw
             clock = StepClock()
             _, cache = run_generate(model, path, input_ids, new_tokens, device, clock)
             result.decode_tok_s = clock.steady_tokens_per_s(batch)
-            result.kv_cache_gib = cache_bytes(cache) / 2**30
+            kv_bytes = cache_bytes(cache)
+            result.kv_cache_gib = kv_bytes / 2**30
             if bandwidth_tb_s:
-                result.floor_tok_s = batch * bandwidth_tb_s * 1e12 / (weights_bytes + cache_bytes(cache))
+                result.floor_tok_s = batch * bandwidth_tb_s * 1e12 / (weights_bytes + kv_bytes)
             del cache
     except torch.OutOfMemoryError:
         result.error = "OOM"
@@ -346,7 +347,7 @@ def main() -> None:
 
     new_tokens = 1 if args.mode == "prefill" else args.new
     bandwidth = None
-    if args.mode == "decode" and device == "cuda":  # the floor of each row, as issue 15 defines it
+    if args.mode == "decode" and device == "cuda":  # each row's floor: weights and cache read once a step
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (run as a script: the project's root)
         from benchmarks.profile_decode import read_bandwidth
 
