@@ -84,6 +84,8 @@ PATHS = {
     "rolling_graphs_compiled_unfolded": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
+    # tensor parallel: the shards' products by Transformers' forwards (cuBLAS, unfused), as before `_tp_products`
+    "rolling_graphs_compiled_unsharded": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
     "hf_dynamic_sdpa_chunk": ("sdpa", dynamic_cache, "window"),
     # models whose scores Transformers' sdpa cannot cap or sink (Gemma 2, GPT-OSS): its eager attention
@@ -191,6 +193,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         with contextlib.ExitStack() as built:
             if path.endswith("_unfused"):
                 built.enter_context(mock.patch("hf_rolling_cache._compiled.fuse_groups", lambda *args: []))
+            if path.endswith("_unsharded"):
+                built.enter_context(mock.patch("hf_rolling_cache._fused.shard_of", lambda module: None))
             if path.endswith("_inductorpdl"):
                 built.enter_context(mock.patch("hf_rolling_cache._compiled.INDUCTOR_DEPENDENT_LAUNCH", True))
             hf_rolling_cache.use_cuda_graphs(model, compile=compile)
@@ -212,6 +216,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         if path.endswith("_unfolded"):  # (another pass: inductor's cache must not hand back the folded code)
             options.enter_context(mock.patch("hf_rolling_cache._fused._fold_residual_adds", lambda graph: None))
             options.enter_context(mock.patch("hf_rolling_cache._fused.SameProducts.uuid", lambda self: b"unfolded"))
+        if path.endswith("_unsharded"):
+            options.enter_context(mock.patch("hf_rolling_cache._compiled.shard_of", lambda module: None))
         if path.endswith("_nopdl"):
             options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,

@@ -114,7 +114,7 @@ class _DistWithOneShot:
         # block has not stored yet. Here the copy finishes before the all-reduce kernel, whose opening barrier
         # the peers pass only after theirs.
         shared.copy_(tensor)
-        torch.ops.symm_mem.one_shot_all_reduce_out(shared, "sum", group_name, tensor)
+        _one_shot(shared, group_name, tensor)
         self.captured += torch.cuda.is_current_stream_capturing()
         return None
 
@@ -133,6 +133,36 @@ class _DistWithOneShot:
         group_name = group.group_name
         shared = self._buffers.view(group_name, tensor, lambda ok: self._everyone(ok, group, tensor.device))
         return None if shared is None else (shared, group_name)
+
+
+def _one_shot(shared: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
+    """The sum over the group of every rank's ``shared`` buffer, into ``out`` (PyTorch's one-shot kernel)."""
+    torch.ops.symm_mem.one_shot_all_reduce_out(shared, "sum", group_name, out)
+
+
+@torch.compiler.disable
+def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] | None, group) -> torch.Tensor:
+    """``F.linear(input, weight)`` summed over ``group``, as Transformers' row-parallel layer sums it: through its
+    module's ``dist``, our one-shot stand-in while a step is captured. Where the one-shot applies, the product is
+    written straight into the shared buffer (by our kernel where ``launch`` applies), one copy kernel fewer."""
+    from transformers.distributed import tensor_parallel
+
+    from ._narrow_products import _built, _ours, narrow_linear, product
+
+    dist = tensor_parallel.dist
+    if isinstance(dist, _DistWithOneShot):
+        out = input.new_empty(*input.shape[:-1], weight.shape[0])
+        target = dist._one_shot_view(out, None, group, False)
+        if target is not None:
+            shared, group_name = target
+            if not _ours(input, weight, launch) or _built(narrow_linear, input, weight, None, launch, out=shared) is None:
+                shared.copy_(product(input, weight, None, None))
+            _one_shot(shared, group_name, out)
+            dist.captured += torch.cuda.is_current_stream_capturing()
+            return out
+    out = product(input, weight, None, launch)
+    dist.all_reduce(out, group=group)
+    return out
 
 
 @functools.cache

@@ -13,6 +13,8 @@ import torch
 
 from . import _ring_decode
 from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
+from ._tp_products import local, shard_of
+from ._tp_products import swapped_in as sharded_products
 from .cache import RollingSlidingWindowCache
 
 
@@ -79,6 +81,7 @@ class CompiledLayers:
                     self.groups.remove(group)
             swaps += [swap for group in self.groups if (swap := gated_swap(group)) is not None]
             swaps += self._narrow_swaps()
+            fused.enter_context(sharded_products(self._sharded_products()))
             previous += [vars(obj).get(name, _UNSET) for obj, name, _ in swaps[len(previous):]]
             for obj, name, replacement in swaps:
                 setattr(obj, name, replacement)
@@ -104,6 +107,17 @@ class CompiledLayers:
                 swaps.append((linear, "narrow_launch", launch))
                 swaps.append((linear, "forward", types.MethodType(narrow_forward, linear)))
         return swaps
+
+    def _sharded_products(self) -> list[tuple]:
+        """Each tensor-parallel product outside the fused groups (`_tp_products.shard_of`) whose local weight our
+        kernel takes, with its launch."""
+        fused = {id(part) for group in self.groups for part in group.parts}
+        shards = []
+        for linear in self._linears:
+            sharded = shard_of(linear) if id(linear) not in fused else None
+            if sharded is not None and (launch := narrow_launch(local(linear.weight), local(linear.bias))) is not None:
+                shards.append((linear, sharded, launch))
+        return shards
 
     def release(self) -> None:
         """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""

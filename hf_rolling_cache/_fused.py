@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ._tp_products import Sharded, local, shard_of
+
 # Sibling projections that read the same input, in the order a decoder layer calls them.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -27,25 +29,31 @@ _WEIGHT, _BIAS = "_hf_rolling_cache_fused_weight", "_hf_rolling_cache_fused_bias
 
 
 class FusedGroup:
-    """Sibling ``nn.Linear`` modules whose weights (and biases) are rows of one buffer."""
+    """Sibling ``nn.Linear`` modules whose weights (and biases) are rows of one buffer. Under tensor parallelism
+    (``sharded``: Transformers' column-parallel forwards, `_tp_products.shard_of`), the rows of this process's
+    shards."""
 
-    def __init__(self, parts: list[torch.nn.Linear], owner: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self, parts: list[torch.nn.Linear], owner: torch.nn.Module | None = None, sharded: list[Sharded] | None = None
+    ) -> None:
         self.parts = parts
         self.owner = owner  # the module that calls them (the attention, the MLP)
-        first = parts[0]
-        rows = [part.out_features for part in parts]
-        self.weight = torch.empty(sum(rows), first.in_features, dtype=first.weight.dtype, device=first.weight.device)
-        self.bias = None if first.bias is None else self.weight.new_empty(sum(rows), dtype=first.bias.dtype)
+        self.sharded = sharded
+        first = local(parts[0].weight)
+        rows = [local(part.weight).shape[0] for part in parts]
+        self.weight = torch.empty(sum(rows), first.shape[1], dtype=first.dtype, device=first.device)
+        self.bias = None if parts[0].bias is None else self.weight.new_empty(sum(rows), dtype=parts[0].bias.dtype)
         self.rows: list[tuple[int, int]] = []
         start = 0
         with torch.no_grad():
             for part, count in zip(parts, rows):
                 stop = start + count
-                self.weight[start:stop].copy_(part.weight)
-                part.weight.data = self.weight[start:stop]  # the same Parameter, now a view: nothing held twice
+                self.weight[start:stop].copy_(local(part.weight))
+                # The same Parameter (or DTensor), its values now a view: nothing held twice.
+                local(part.weight).data = self.weight[start:stop]
                 if self.bias is not None:
-                    self.bias[start:stop].copy_(part.bias)
-                    part.bias.data = self.bias[start:stop]
+                    self.bias[start:stop].copy_(local(part.bias))
+                    local(part.bias).data = self.bias[start:stop]
                 self.rows.append((start, stop))
                 start = stop
 
@@ -55,8 +63,8 @@ class FusedGroup:
         something did, the buffer is stale and must not be used."""
         if self.weight is None:
             return False
-        for part, (start, stop) in zip(self.parts, self.rows):
-            if "forward" in vars(part):
+        for index, (part, (start, stop)) in enumerate(zip(self.parts, self.rows)):
+            if vars(part).get("forward") is not (self.sharded[index].forward if self.sharded else None):
                 return False
             if not _view_of(part.weight, self.weight[start:stop]):
                 return False
@@ -74,9 +82,9 @@ class FusedGroup:
         with torch.no_grad():
             for part, (start, stop) in zip(self.parts, self.rows):
                 if _view_of(part.weight, self.weight[start:stop]):
-                    part.weight.data = part.weight.data.clone()
+                    local(part.weight).data = local(part.weight).data.clone()
                 if self.bias is not None and _view_of(part.bias, self.bias[start:stop]):
-                    part.bias.data = part.bias.data.clone()
+                    local(part.bias).data = local(part.bias).data.clone()
         self.weight = self.bias = None
 
     @contextlib.contextmanager
@@ -86,22 +94,28 @@ class FusedGroup:
         half way."""
         swapped = []
         launch = narrow_launch(self.weight, self.bias)
+        forward = _rows_of_fused_shards if self.sharded else _rows_of_fused_product
         try:
-            for part, rows in zip(self.parts, self.rows):
-                swapped.append(part)
+            for index, (part, rows) in enumerate(zip(self.parts, self.rows)):
+                swapped.append(index)
                 part.register_buffer(_WEIGHT, self.weight, persistent=False)
                 part.register_buffer(_BIAS, self.bias, persistent=False)
                 part.fused_rows = rows
                 part.fused_launch = launch
-                part.forward = types.MethodType(_rows_of_fused_product, part)
+                if self.sharded:
+                    part.tp_forward = self.sharded[index].forward
+                part.forward = types.MethodType(forward, part)
             yield
         finally:
-            for part in swapped:
+            for index in swapped:
+                part = self.parts[index]
                 for name in (_WEIGHT, _BIAS):
                     part._buffers.pop(name, None)
                     part._non_persistent_buffers_set.discard(name)
-                for name in ("fused_rows", "fused_launch", "forward"):
+                for name in ("fused_rows", "fused_launch", "tp_forward", "forward"):
                     vars(part).pop(name, None)
+                if self.sharded:
+                    part.forward = self.sharded[index].forward  # Transformers' tensor-parallel forward, as it was
 
 
 def gated_swap(group: FusedGroup) -> tuple[torch.nn.Module, str, types.MethodType] | None:
@@ -176,7 +190,9 @@ def _global_hooks() -> bool:
 
 
 def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
-    """``param`` is the view ``rows`` of the buffer: same place, shape, strides and dtype."""
+    """``param``'s values (a shard's, under tensor parallelism) are the view ``rows`` of the buffer: same place,
+    shape, strides and dtype."""
+    param = local(param)
     return (
         param is not None and _plain(param) and param.data_ptr() == rows.data_ptr() and param.shape == rows.shape
         and param.stride() == rows.stride() and param.dtype == rows.dtype
@@ -186,6 +202,14 @@ def _view_of(param: torch.Tensor | None, rows: torch.Tensor) -> bool:
 def _rows_of_fused_product(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     start, stop = self.fused_rows
     return _product(input, getattr(self, _WEIGHT), getattr(self, _BIAS), self.fused_launch)[..., start:stop]
+
+
+def _rows_of_fused_shards(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """A column-parallel part's rows: what Transformers' forward computes for a plain input without gradient (the
+    local shard's product); anything else goes to that forward."""
+    if type(input) is not torch.Tensor or torch.is_grad_enabled():
+        return self.tp_forward(input)
+    return _rows_of_fused_product(self, input)
 
 
 def narrow_launch(weight: torch.Tensor, bias: torch.Tensor | None) -> list[int] | None:
@@ -207,40 +231,52 @@ def narrow_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_groups(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[FusedGroup]:
-    """Fuse every group of plain sibling projections in ``layers`` whose parameters own their storage alone."""
+    """Fuse every group of sibling projections in ``layers`` whose parameters own their storage alone: plain
+    ones, or (tensor parallel) column-parallel shards of one process group."""
     storages = Counter(
-        t.untyped_storage().data_ptr()
+        local(t).untyped_storage().data_ptr()
         for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        if _plain(t)
+        if _plain(local(t))
     )
     groups = []
     for layer in layers:
         for module in layer.modules():
             for names in GROUPS:
                 parts = [module._modules.get(name) for name in names]
-                if _fusable(parts, storages):
+                if not all(type(part) is torch.nn.Linear for part in parts):
+                    continue  # absent, or a subclass (quantized, LoRA) whose forward is not a plain product
+                sharded = [shard_of(part) for part in parts]
+                if all(sharded) and not any(s.rowwise or s.group is not sharded[0].group for s in sharded):
+                    if _fusable(parts, storages, slices=True):
+                        groups.append(FusedGroup(parts, module, sharded))
+                elif not any(map(wrapped, parts)) and _all_plain(parts) and _fusable(parts, storages):
                     groups.append(FusedGroup(parts, module))
     return groups
 
 
-def _fusable(parts, storages: Counter) -> bool:
-    if not all(type(part) is torch.nn.Linear for part in parts):
-        return False  # absent, or a subclass (quantized, LoRA) whose forward is not a plain product
-    first = parts[0]
+def _all_plain(parts) -> bool:
+    """Every parameter a plain tensor (a DTensor's values are fused only through its Transformers forward)."""
+    return all(_plain(param) for part in parts for param in (part.weight, part.bias) if param is not None)
+
+
+def _fusable(parts, storages: Counter, slices: bool = False) -> bool:
+    """Parameters of one dtype, device and width, each alone in its storage, which it fills (``slices``: or of
+    which it is a slice, as a tensor-parallel shard cut from the whole loaded tensor: once fused, that storage
+    goes)."""
+    first = local(parts[0].weight)
     for part in parts:
-        if wrapped(part):
-            return False
-        for param in (part.weight, part.bias):
+        for param in (local(part.weight), local(part.bias)):
             if param is None:
                 continue
             if not _plain(param) or not param.is_contiguous():
-                return False  # a distributed (tensor parallel) or offloaded weight, or a view already
+                return False  # an offloaded weight, or a view already
             owns = param.untyped_storage().nbytes() == param.numel() * param.element_size()
-            if not owns or storages[param.untyped_storage().data_ptr()] != 1:
+            if not (owns or slices) or storages[param.untyped_storage().data_ptr()] != 1:
                 return False  # shared with another parameter (tied), or part of a larger buffer
-        if (part.in_features, part.weight.dtype, part.weight.device, part.bias is None) != (
-            first.in_features, first.weight.dtype, first.weight.device, first.bias is None
-        ) or (part.bias is not None and part.bias.dtype != first.bias.dtype):
+        weight = local(part.weight)
+        if (weight.shape[1], weight.dtype, weight.device, part.bias is None) != (
+            first.shape[1], first.dtype, first.device, parts[0].bias is None
+        ) or (part.bias is not None and part.bias.dtype != parts[0].bias.dtype):
             return False
     return True
 

@@ -239,12 +239,13 @@ def _built(kernel, *args, **kwargs) -> torch.Tensor | None:
 
 def narrow_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int], gated: bool = False,
-    residual: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` for an input of at most `MAX_ROWS` rows by our kernel, launched as
     ``launch`` says (`launch_for`; the benchmark's grid passes its own), whose tiles divide the weight; ``gated``:
     `gated_product`'s ``silu(gate) * up`` of it instead, half as many columns; ``residual`` (the output's shape and
-    dtype): ``residual + F.linear(...)``."""
+    dtype): ``residual + F.linear(...)``; ``out``: a contiguous tensor of the result's size and dtype to write it
+    into (a tensor-parallel step's shared all-reduce buffer, `_all_reduce.summed_product`)."""
     block_n, block_k, num_warps, num_stages = launch
     columns = weight.shape[1]
     x = input.reshape(-1, columns)
@@ -252,7 +253,12 @@ def narrow_linear(
         x = x.contiguous()
     rows, out_features = x.shape[0], weight.shape[0]
     assert rows <= MAX_ROWS and out_features % block_n == 0 and columns % block_k == 0, (rows, weight.shape, launch)
-    out = x.new_empty(rows, out_features // 2 if gated else out_features)
+    width = out_features // 2 if gated else out_features
+    if out is None:
+        out = x.new_empty(rows, width)
+    else:
+        assert out.is_contiguous() and out.numel() == rows * width and out.dtype == x.dtype, (out.shape, out.dtype)
+        out = out.view(rows, width)
     if residual is not None:
         assert not gated and residual.shape == (*input.shape[:-1], out_features) and residual.dtype == out.dtype
         residual = residual.reshape(rows, out_features)

@@ -131,3 +131,64 @@ def test_ranks_agree_on_a_shared_buffer_before_the_rendezvous(here, elsewhere, m
     else:
         assert shared is None and calls == [] and buffers.unavailable  # NCCL from now on, on every rank
         assert ("no peer access" in buffers.unavailable) == (not here)
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """Our product kernel on CPU tensors too (Triton's interpreter), as on CUDA."""
+    from hf_rolling_cache import _kernels
+
+    pytest.importorskip("hf_rolling_cache._narrow_products")
+    monkeypatch.setattr(_kernels._narrow_products, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", False)
+
+
+def summed_with(monkeypatch, dist, input, weight, launch):
+    """`summed_product` as a row-parallel layer calls it, with Transformers' module seeing ``dist``."""
+    from transformers.distributed import tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "dist", dist)
+    return _all_reduce.summed_product(input, weight, launch, "group")
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["our-kernel", "f-linear"])
+def test_a_row_parallel_product_is_written_into_the_shared_buffer_and_summed_from_there(
+    monkeypatch, kernel_on_cpu, kernel
+):
+    """With the one-shot stand-in in place: the product lands in the shared buffer (straight from our kernel, or
+    copied from ``F.linear`` when the kernel does not apply), and the one-shot sum of that buffer is the result."""
+    from hf_rolling_cache._narrow_products import launch_for
+
+    torch.manual_seed(0)
+    input, weight = torch.randn(3, 128), torch.randn(64, 128)
+    launch = launch_for(weight) if kernel else None
+    assert (launch is not None) == kernel
+    shared = torch.full((3 * 64 + 8,), float("nan"))
+    proxy = _all_reduce._DistWithOneShot(RecordingDist(), _all_reduce._Buffers())
+    monkeypatch.setattr(proxy, "_one_shot_view", lambda tensor, *args: (shared[: tensor.numel()].view_as(tensor), "g"))
+    sums = []
+
+    def one_shot(buffer, group_name, out):  # the other rank's part: twice ours
+        sums.append(buffer.clone())
+        out.copy_(3 * buffer)
+
+    monkeypatch.setattr(_all_reduce, "_one_shot", one_shot)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    got = summed_with(monkeypatch, proxy, input, weight, launch)
+    expected = torch.nn.functional.linear(input, weight)
+    torch.testing.assert_close(sums[0].view(3, 64), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, 3 * expected, rtol=1e-5, atol=1e-5)
+    assert not proxy._dist.calls  # nothing went to NCCL
+
+
+def test_without_the_stand_in_a_row_parallel_product_is_all_reduced_by_torch_distributed(monkeypatch, kernel_on_cpu):
+    """Outside a captured step (Transformers' module holding torch.distributed itself) or where the one-shot does
+    not apply: the product, then ``all_reduce`` in place on the layer's group, as Transformers' forward does."""
+    from hf_rolling_cache._narrow_products import launch_for
+
+    input, weight = torch.randn(2, 1, 128), torch.randn(64, 128)
+    for dist in (RecordingDist(), _all_reduce._DistWithOneShot(RecordingDist(), _all_reduce._Buffers())):
+        got = summed_with(monkeypatch, dist, input, weight, launch_for(weight))
+        calls = dist.calls if isinstance(dist, RecordingDist) else dist._dist.calls
+        assert len(calls) == 1 and calls[0][0] is got and calls[0][2] == "group"
+        torch.testing.assert_close(got, torch.nn.functional.linear(input, weight), rtol=1e-5, atol=1e-5)

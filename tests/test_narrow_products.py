@@ -36,10 +36,10 @@ def product_calls(monkeypatch, on_every_device) -> list[tuple]:
     calls = []
     run = _narrow_products.narrow_linear
 
-    def counted(input, weight, *args, gated=False, residual=None):
+    def counted(input, weight, *args, gated=False, residual=None, **kwargs):
         kind = ("gated",) if gated else ("added",) if residual is not None else ()
         calls.append((input.numel() // input.shape[-1], tuple(weight.shape) + kind))
-        return run(input, weight, *args, gated=gated, residual=residual)
+        return run(input, weight, *args, gated=gated, residual=residual, **kwargs)
 
     monkeypatch.setattr(_narrow_products, "narrow_linear", counted)
     return calls

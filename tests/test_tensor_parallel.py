@@ -38,8 +38,24 @@ def one_process(model, input_ids, attention_mask, device):
                           past_key_values=RollingSlidingWindowCache(config=model.config), prefill_chunk_size=WINDOW)
 
 
+def shard_products(config, steps: int) -> dict:
+    """What our kernel multiplies on one of two processes in ``steps`` decode steps (4 rows each; the prefill's
+    longer inputs go to ``F.linear``), by (weight shape, gated): each layer's column-parallel shards fused (half the
+    q, k and v rows, computed by each of the three parts: without inductor nothing merges them; half the gate and
+    up rows, with the activation), its row-parallel shards (half the o and down columns) alone; the head
+    (gathered, not a shard) stays Transformers'."""
+    hidden, head_dim, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim // 2
+    calls = steps * layers
+    return {"groups": 2 * layers, ((qkv, hidden), False): 3 * calls, ((config.intermediate_size, hidden), True): calls,
+            ((hidden, config.num_attention_heads * head_dim // 2), False): calls,
+            ((hidden, config.intermediate_size // 2), False): calls}
+
+
 @pytest.mark.parametrize("device,path", [
     ("cpu", "eager"),
+    pytest.param("cpu", "products", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")),
     pytest.param("cuda", "eager", marks=pytest.mark.gpu),
     pytest.param("cuda", "graphs", marks=pytest.mark.gpu),
     pytest.param("cuda", "compiled", marks=pytest.mark.gpu),
@@ -60,9 +76,11 @@ def test_tensor_parallel_is_one_process_answer(checkpoint, device, path, tmp_pat
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
     got = torch.load(out)
     assert got["kv_heads"] == 1  # each process holds half of the key/value heads
-    assert got["replayed"] == (path != "eager")
+    assert got["replayed"] == (path in ("graphs", "compiled"))
     # every captured step's all-reduces (two a layer) summed over symmetric memory (_all_reduce), none eagerly
-    assert got["one_shot"] >= 2 * 4 if path != "eager" else got["one_shot"] == 0
+    assert got["one_shot"] >= 2 * 4 if path in ("graphs", "compiled") else got["one_shot"] == 0
+    if path == "products":
+        assert got["products"] == shard_products(model.config, steps=23)
     assert torch.equal(got["sequences"], expected.sequences.cpu())
     for ours, theirs in zip(got["scores"], expected.scores):
         torch.testing.assert_close(ours, theirs.cpu(), rtol=0, atol=1e-4)
