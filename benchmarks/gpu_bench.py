@@ -84,6 +84,8 @@ PATHS = {
     "rolling_graphs_compiled_unfolded": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the captured step keeps NCCL's all-reduces instead of the one-shot kernel (a baseline)
     "rolling_graphs_compiled_nccl": ("rolling_xformers", rolling_cache, "window"),
+    # tensor parallel: every row-parallel sum by PyTorch's one-shot kernel, none pushed (as before `_pushed_sums`)
+    "rolling_graphs_compiled_unpushed": ("rolling_xformers", rolling_cache, "window"),
     # tensor parallel: the shards' products by Transformers' forwards (cuBLAS, unfused), as before `_tp_products`
     "rolling_graphs_compiled_unsharded": ("rolling_xformers", rolling_cache, "window"),
     "hf_dynamic_sdpa": ("sdpa", dynamic_cache, None),
@@ -216,6 +218,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         if path.endswith("_unfolded"):  # (another pass: inductor's cache must not hand back the folded code)
             options.enter_context(mock.patch("hf_rolling_cache._fused._fold_residual_adds", lambda graph: None))
             options.enter_context(mock.patch("hf_rolling_cache._fused.SameProducts.uuid", lambda self: b"unfolded"))
+        if path.endswith("_unpushed"):
+            options.enter_context(mock.patch("hf_rolling_cache._all_reduce._pushed", lambda *args: False))
         if path.endswith("_unsharded"):
             options.enter_context(mock.patch("hf_rolling_cache._compiled.shard_of", lambda module: None))
         if path.endswith("_nopdl"):

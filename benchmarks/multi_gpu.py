@@ -8,8 +8,9 @@ tensor parallel, against one GPU and Transformers' own paths. Run on a machine w
 Each run loads the checkpoint the way users do (``from_pretrained``; it is written once with ``save_pretrained``
 into ``$CHECKPOINT``, default the temp folder), then
 1. fp32 exactness: a left-padded batch of 5000, 4097 and 300 random tokens, 48 greedy tokens with Transformers'
-   own path (sdpa, DynamicCache) and with ``enable(model)``, eagerly and with CUDA graphs: the tokens must be the
-   same and the largest logit difference is printed (``--check-only`` stops here; ``--skip-check`` skips it);
+   own path (sdpa, DynamicCache) and with ``enable(model)``, eagerly and with CUDA graphs (plain and compiled): the
+   tokens must be the same and the largest logit difference is printed (``--check-only`` stops here;
+   ``--skip-check`` skips it);
 2. bf16 speed: decode tokens/s at B=1 and 8 (6000-token prompts, 128 new tokens, measured between tokens after the
    first decode step), the time to the first token of a 32k-token prompt, and each GPU's peak memory above its
    weights, for Transformers' DynamicCache+sdpa and the rolling paths (eager, CUDA graphs, compiled graphs).
@@ -103,17 +104,17 @@ def random_tokens(model, batch: int, length: int) -> torch.Tensor:
 
 
 def check(model, new_tokens: int = 48) -> dict:
-    """Transformers' own tokens in fp32, eagerly and under graphs."""
+    """Transformers' own tokens in fp32, eagerly and under graphs (compiled or not)."""
     input_ids, attention_mask = (t.to(model.device) for t in ragged_batch(list(RAGGED), model.config.vocab_size))
     options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                    output_scores=True, return_dict_in_generate=True)
     model.set_attn_implementation("sdpa")
     reference = model.generate(**options, past_key_values=DynamicCache(config=model.config))
     rows = {"transformers": reference.sequences[:, -new_tokens:].tolist()}
-    for path in ("rolling", "rolling_graphs"):
+    for path in ("rolling", "rolling_graphs", "rolling_graphs_compiled"):
         hf_rolling_cache.enable(model)
-        if path == "rolling_graphs":
-            hf_rolling_cache.use_cuda_graphs(model)
+        if path != "rolling":
+            hf_rolling_cache.use_cuda_graphs(model, compile=path == "rolling_graphs_compiled")
         cache = RollingSlidingWindowCache(config=model.config)
         try:
             got = model.generate(**options, past_key_values=cache)

@@ -92,6 +92,9 @@ class _DistWithOneShot:
         self._dist = dist
         self._buffers = buffers
         self.captured = 0  # one-shot all-reduces recorded into a CUDA graph (what a replay then runs)
+        self.pushed = 0  # of which pushed sums (`_pushed_sums`)
+        self.position = 0  # this step's row-parallel sums so far (`summed_product`)
+        self.landings = None  # `_pushed_sums.Landings`, made on the first pushed sum
 
     def __getattr__(self, name: str):
         return getattr(self._dist, name)
@@ -152,10 +155,14 @@ def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] 
     dist = tensor_parallel.dist
     if isinstance(dist, _DistWithOneShot):
         out = input.new_empty(*input.shape[:-1], weight.shape[0])
+        position, dist.position = dist.position, dist.position + 1
+        if position > 0 and _pushed(dist, input, weight, launch, group, out):  # (the first: one-shot, see there)
+            return out
         target = dist._one_shot_view(out, None, group, False)
         if target is not None:
             shared, group_name = target
-            if not _ours(input, weight, launch) or _built(narrow_linear, input, weight, None, launch, out=shared) is None:
+            kernel = _ours(input, weight, launch)
+            if not kernel or _built(narrow_linear, input, weight, None, launch, out=shared) is None:
                 shared.copy_(product(input, weight, None, None))
             _one_shot(shared, group_name, out)
             dist.captured += torch.cuda.is_current_stream_capturing()
@@ -163,6 +170,44 @@ def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] 
     out = product(input, weight, None, launch)
     dist.all_reduce(out, group=group)
     return out
+
+
+def _pushed(dist: _DistWithOneShot, input, weight, launch, group, out: torch.Tensor) -> bool:
+    """Whether the sum went as a pushed sum (`_pushed_sums`) into ``out``: our product kernel pushing its part to
+    the other GPU, then summing where the other's landed. Two GPUs, inputs our kernel takes, a landing buffer."""
+    from . import _pushed_sums
+    from ._narrow_products import _built, _ours, narrow_linear
+
+    if not _ours(input, weight, launch) or dist._one_shot_view(out, None, group, False) is None:
+        return False  # (the one-shot's own conditions: a sum it takes, the group's buffers shared)
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(group) != 2:
+        return False
+    if dist.landings is None:
+        dist.landings = _pushed_sums.Landings()
+    regions = dist.landings.regions(group.group_name, out, lambda ok: dist._everyone(ok, group, out.device))
+    if regions is None:
+        return False
+    theirs, mine = regions
+    if _built(narrow_linear, input, weight, None, launch, out=out, peer=theirs) is None:
+        raise RuntimeError("use_cuda_graphs: the product kernel could not be built after its first use")
+    _pushed_sums.landed_sum(out, mine)
+    dist.captured += torch.cuda.is_current_stream_capturing()
+    dist.pushed += torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def step_begins() -> None:
+    """A decode step's warm-up or capture begins: its sums are counted from the first again (`summed_product`)."""
+    for proxy in _PROXIES:
+        proxy.position = 0
+        if proxy.landings is not None:
+            proxy.landings.step_begins()
+
+
+def captured_pushed_sums() -> int:
+    """How many pushed sums (`_pushed_sums`) this process has recorded into CUDA graphs."""
+    return sum(proxy.pushed for proxy in _PROXIES)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import torch
 
 from . import _ring_decode
 from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
-from ._tp_products import local, shard_of
+from ._tp_products import agreed, local, shard_of
 from ._tp_products import swapped_in as sharded_products
 from .cache import RollingSlidingWindowCache
 
@@ -110,14 +110,14 @@ class CompiledLayers:
 
     def _sharded_products(self) -> list[tuple]:
         """Each tensor-parallel product outside the fused groups (`_tp_products.shard_of`) whose local weight our
-        kernel takes, with its launch."""
+        kernel takes (a row-parallel one: on every rank, `_tp_products.agreed`), with its launch."""
         fused = {id(part) for group in self.groups for part in group.parts}
         shards = []
         for linear in self._linears:
             sharded = shard_of(linear) if id(linear) not in fused else None
-            if sharded is not None and (launch := narrow_launch(local(linear.weight), local(linear.bias))) is not None:
-                shards.append((linear, sharded, launch))
-        return shards
+            if sharded is not None:
+                shards.append((linear, sharded, narrow_launch(local(linear.weight), local(linear.bias))))
+        return agreed(shards)
 
     def release(self) -> None:
         """Give the fused groups' parameters their own storage again (`release_cuda_graphs`)."""

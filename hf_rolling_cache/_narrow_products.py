@@ -59,16 +59,19 @@ if tl is not None:
 
     @triton.jit
     def _narrow_product(
-        X, W, BIAS, RESIDUAL, Y, rows, columns, half,
+        X, W, BIAS, RESIDUAL, Y, PEER, rows, columns, half,
         stride_xm, stride_wn, stride_rm, stride_ym,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, PUSH: tl.constexpr,
+        NEGATIVE_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         # One program: BLOCK_N weight rows against every input row, over all ``columns`` (a multiple of BLOCK_K, as
         # the weight's row count is of BLOCK_N: the launcher checks, so only input rows are masked). Plainly rows
         # [n0, n0 + BLOCK_N); GATED, output columns [j0, j0 + BLOCK_N / 2) of ``silu(gate) * up``, the gate's rows
         # (the weight's first ``half``) and the up's (the second) interleaved, so each gate row meets its up row.
-        # HAS_RESIDUAL: ``residual + product``, the add that follows the product in a decoder layer.
+        # HAS_RESIDUAL: ``residual + product``, the add that follows the product in a decoder layer. PUSH: a
+        # row-parallel partial product, also stored into the peer's landing buffer PEER (`_pushed_sums`), where a
+        # negative zero would read as "not landed yet": both copies carry +0.0 for it.
         offs_m = tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_N)
         if GATED:
@@ -108,8 +111,14 @@ if tl is not None:
             if HAS_RESIDUAL:  # rounded as the product, then the sum (PyTorch's add computes it in float32)
                 residual = tl.load(RESIDUAL + offs_m[:, None] * stride_rm + weight_rows[None, :], mask=real)
                 acc = acc.to(Y.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
+            y = acc.to(Y.dtype.element_ty)
+            if PUSH:  # on the bits (PEER's integer type): a float compare and select could be folded away
+                bits = y.to(PEER.dtype.element_ty, bitcast=True)
+                bits = tl.where(bits == NEGATIVE_ZERO, 0, bits).to(PEER.dtype.element_ty)
+                tl.store(PEER + offs_m[:, None] * stride_ym + weight_rows[None, :], bits, mask=real)
+                y = bits.to(Y.dtype.element_ty, bitcast=True)
             y_at = Y + offs_m[:, None] * stride_ym + weight_rows[None, :]
-            tl.store(y_at, acc.to(Y.dtype.element_ty), mask=real)
+            tl.store(y_at, y, mask=real)
 
 
 def launch_for(weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[int] | None:
@@ -239,13 +248,15 @@ def _built(kernel, *args, **kwargs) -> torch.Tensor | None:
 
 def narrow_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: list[int], gated: bool = False,
-    residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, out: torch.Tensor | None = None, peer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` for an input of at most `MAX_ROWS` rows by our kernel, launched as
     ``launch`` says (`launch_for`; the benchmark's grid passes its own), whose tiles divide the weight; ``gated``:
     `gated_product`'s ``silu(gate) * up`` of it instead, half as many columns; ``residual`` (the output's shape and
     dtype): ``residual + F.linear(...)``; ``out``: a contiguous tensor of the result's size and dtype to write it
-    into (a tensor-parallel step's shared all-reduce buffer, `_all_reduce.summed_product`)."""
+    into (a tensor-parallel step's shared all-reduce buffer, `_all_reduce.summed_product`); ``peer``: integers of
+    the output's width (the other GPU's landing buffer, `_pushed_sums`) to store the result's bits into as well,
+    negative zeros stored as +0.0 in both."""
     block_n, block_k, num_warps, num_stages = launch
     columns = weight.shape[1]
     x = input.reshape(-1, columns)
@@ -265,10 +276,14 @@ def narrow_linear(
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
     added = residual if residual is not None else out  # (not read without a residual)
+    if peer is not None:  # (as integers of the output's width: the kernel stores bits there)
+        assert not gated and residual is None and peer.is_contiguous() and peer.numel() == out.numel()
+        assert not peer.dtype.is_floating_point and peer.element_size() == out.element_size()
     _narrow_product[(out_features // block_n,)](
-        x, weight, bias if bias is not None else weight, added, out, rows, columns, out_features // 2,
-        x.stride(0), weight.stride(0), added.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATED=gated, BLOCK_M=MAX_ROWS,
+        x, weight, bias if bias is not None else weight, added, out, peer if peer is not None else out, rows,
+        columns, out_features // 2, x.stride(0), weight.stride(0), added.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATED=gated, PUSH=peer is not None,
+        NEGATIVE_ZERO=-(1 << (8 * out.element_size() - 1)), BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, IEEE=weight.dtype == torch.float32, num_warps=num_warps,
         num_stages=num_stages, **_dependent_launch(weight),
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 _WEIGHT, _BIAS = "_hf_rolling_cache_shard_weight", "_hf_rolling_cache_shard_bias"
+_LINEAR_FORWARD = torch.nn.Linear.forward  # as imported: a class-wide patch since is not the plain product
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def shard_of(module: torch.nn.Module) -> Sharded | None:
         return None
     cells = dict(zip(reference.co_freevars, (cell.cell_contents for cell in forward.__closure__)))
     original = cells.get("original_forward")
-    if cells.get("module") is not module or getattr(original, "__func__", None) is not torch.nn.Linear.forward:
+    if cells.get("module") is not module or getattr(original, "__func__", None) is not _LINEAR_FORWARD:
         return None
     if getattr(original, "__self__", None) is not module or getattr(module, "_hf_quantized_needs_local_tp", False):
         return None
@@ -103,14 +104,39 @@ def sharded_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     (`_all_reduce.summed_product`), then the bias. Anything else goes to Transformers' forward."""
     if type(input) is not torch.Tensor or torch.is_grad_enabled():
         return self.tp_forward(input)
-    from ._all_reduce import summed_product
+    from ._all_reduce import _DistWithOneShot, summed_product
     from ._narrow_products import product  # imported already: the launch came from it
+
+    from transformers.distributed import tensor_parallel
 
     weight, bias = getattr(self, _WEIGHT), getattr(self, _BIAS)
     if not self.tp_rowwise:
         return product(input, weight, bias, self.narrow_launch)
-    out = summed_product(input, weight, self.narrow_launch, self.tp_group)
+    if isinstance(tensor_parallel.dist, _DistWithOneShot):  # a captured step's sums (eager: one graph break)
+        out = summed_product(input, weight, self.narrow_launch, self.tp_group)
+    else:  # torch.distributed's all-reduce, which the compiler traces, as in Transformers' forward
+        out = product(input, weight, None, self.narrow_launch)
+        tensor_parallel.dist.all_reduce(out, group=self.tp_group)
     return out if bias is None else out + bias
+
+
+def agreed(shards: list[tuple[torch.nn.Linear, Sharded, list[int] | None]]) -> list[tuple]:
+    """The ``(linear, sharding, launch)`` of ``shards`` to swap in: the column-parallel ones with a launch, and the
+    row-parallel ones with a launch on every rank of their group. A row-parallel shard's sum is a collective
+    (`_all_reduce.summed_product`), whose kind every rank must choose alike; with uneven shards (a width the
+    ranks do not divide alike) our kernel may take one rank's shard and not another's. One all-reduce (the
+    minimum) per group, outside any capture: every rank lists the same modules in the same order."""
+    import torch.distributed as dist
+
+    chosen = [(linear, sharded, launch) for linear, sharded, launch in shards if not sharded.rowwise and launch]
+    rowwise = [entry for entry in shards if entry[1].rowwise]
+    for group in {id(entry[1].group): entry[1].group for entry in rowwise}.values():
+        members = [entry for entry in rowwise if entry[1].group is group]
+        ours = torch.tensor([entry[2] is not None for entry in members], dtype=torch.int32,
+                            device=local(members[0][0].weight).device)
+        dist.all_reduce(ours, op=dist.ReduceOp.MIN, group=group)
+        chosen += [entry for entry, everywhere in zip(members, ours.tolist()) if everywhere]
+    return chosen
 
 
 def _style(style) -> bool | None:

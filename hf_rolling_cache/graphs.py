@@ -43,7 +43,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
-from ._all_reduce import one_shot_all_reduces
+from ._all_reduce import one_shot_all_reduces, step_begins
 from ._compiled import CompiledLayers
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
@@ -266,6 +266,7 @@ class _DecodeGraph:
         devices = sorted({device, *(d for _, d in placed)}, key=str)
 
         def step():
+            step_begins()  # tensor parallel: the step's sums counted from its first (`_all_reduce.summed_product`)
             return eager_forward(
                 input_ids=self.input_ids, attention_mask=self.step_mask, position_ids=self.position_ids,
                 past_key_values=cache, **options,

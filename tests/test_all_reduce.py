@@ -192,3 +192,53 @@ def test_without_the_stand_in_a_row_parallel_product_is_all_reduced_by_torch_dis
         calls = dist.calls if isinstance(dist, RecordingDist) else dist._dist.calls
         assert len(calls) == 1 and calls[0][0] is got and calls[0][2] == "group"
         torch.testing.assert_close(got, torch.nn.functional.linear(input, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_after_the_first_sum_of_a_step_products_are_pushed_and_summed_where_they_land(monkeypatch, kernel_on_cpu):
+    """Sums after a step's first (`step_begins`) go as pushed sums (`_pushed_sums`): our product stored into the
+    other rank's landing region too, and the other's part (landed in ours) added. The step's first sum stays
+    one-shot: its barriers keep the next step's parts from landing early."""
+    from hf_rolling_cache import _pushed_sums
+    from hf_rolling_cache._narrow_products import launch_for
+
+    torch.manual_seed(1)
+    input, weight = torch.randn(2, 128), torch.randn(64, 128)
+    theirs_part = torch.randn(2, 64)
+    proxy = _all_reduce._DistWithOneShot(RecordingDist(), _all_reduce._Buffers())
+    shared = torch.zeros(2 * 64)
+    monkeypatch.setattr(proxy, "_one_shot_view", lambda tensor, *args: (shared[: tensor.numel()].view_as(tensor), "g"))
+    one_shots = []
+    monkeypatch.setattr(_all_reduce, "_one_shot", lambda buffer, name, out: one_shots.append(out.copy_(2 * buffer)))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    regions = []
+
+    class Landed:  # the other rank's part already in our landing region; theirs still empty
+        def regions(self, group_name, like, agree):
+            mine = theirs_part.clone().view(torch.int32)
+            theirs = torch.full_like(mine, _pushed_sums.negative_zero(like.dtype))
+            regions.append((theirs, mine))
+            return theirs, mine
+
+        def step_begins(self):
+            regions.clear()
+
+    proxy.landings = Landed()
+    monkeypatch.setattr(_all_reduce, "_PROXIES", [proxy])
+    group = types.SimpleNamespace(group_name="g")
+    expected = torch.nn.functional.linear(input, weight)
+    _all_reduce.step_begins()
+    from transformers.distributed import tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "dist", proxy)
+    first = _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    assert len(one_shots) == 1 and not regions  # the step's first: one-shot
+    second = _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    assert len(one_shots) == 1 and len(regions) == 1  # then pushed
+    torch.testing.assert_close(first, 2 * expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected + theirs_part, rtol=1e-5, atol=1e-5)
+    theirs, mine = regions[0]
+    torch.testing.assert_close(theirs.view(torch.float32), expected, rtol=1e-5, atol=1e-5)  # pushed to the other
+    assert (mine == _pushed_sums.negative_zero(torch.float32)).all()  # our landing region cleared again
+    _all_reduce.step_begins()
+    _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    assert len(one_shots) == 2  # a new step: its first sum one-shot again
