@@ -93,7 +93,7 @@ class _DistWithOneShot:
         self._buffers = buffers
         self.captured = 0  # one-shot all-reduces recorded into a CUDA graph (what a replay then runs)
         self.pushed = 0  # of which pushed sums (`_pushed_sums`)
-        self.position = 0  # this step's row-parallel sums so far (`summed_product`)
+        self.position = None  # this step's row-parallel sums so far (`summed_product`); None outside a step
         self.landings = None  # `_pushed_sums.Landings`, made on the first pushed sum
 
     def __getattr__(self, name: str):
@@ -155,8 +155,10 @@ def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] 
     dist = tensor_parallel.dist
     if isinstance(dist, _DistWithOneShot):
         out = input.new_empty(*input.shape[:-1], weight.shape[0])
-        position, dist.position = dist.position, dist.position + 1
-        if position > 0 and _pushed(dist, input, weight, launch, group, out):  # (the first: one-shot, see there)
+        position = dist.position  # None outside a step's warm-up or capture (`step_begins`): never pushed there
+        if position is not None:
+            dist.position += 1
+        if position and _pushed(dist, input, weight, launch, group, out):  # (a step's first: one-shot, see there)
             return out
         target = dist._one_shot_view(out, None, group, False)
         if target is not None:
@@ -190,7 +192,10 @@ def _pushed(dist: _DistWithOneShot, input, weight, launch, group, out: torch.Ten
         return False
     theirs, mine = regions
     if _built(narrow_linear, input, weight, None, launch, out=out, peer=theirs) is None:
-        raise RuntimeError("use_cuda_graphs: the product kernel could not be built after its first use")
+        # Our kernel cannot be built here (now): the other rank may have pushed already, so push all the same,
+        # the product by F.linear and its zeros as +0.0, as the kernel stores them.
+        out.copy_(torch.nn.functional.linear(input, weight)).masked_fill_(out == 0, 0.0)
+        theirs.copy_(out.view(theirs.dtype))
     _pushed_sums.landed_sum(out, mine)
     dist.captured += torch.cuda.is_current_stream_capturing()
     dist.pushed += torch.cuda.is_current_stream_capturing()
@@ -203,6 +208,16 @@ def step_begins() -> None:
         proxy.position = 0
         if proxy.landings is not None:
             proxy.landings.step_begins()
+
+
+def _steps_end(failed: bool) -> None:
+    """The captured steps' block ends: no sum is pushed outside it. After a failure, parts pushed into a landing
+    region whose sum never ran may still be there, where a later sum would take them for the other's: the landing
+    buffers are not used again (every later sum goes one-shot)."""
+    for proxy in _PROXIES:
+        proxy.position = None
+        if failed and proxy.landings is not None:
+            proxy.landings.unavailable = "a decode step failed while its sums were pushed"
 
 
 def captured_pushed_sums() -> int:
@@ -264,7 +279,10 @@ def one_shot_all_reduces():
         yield
         return
     tensor_parallel.dist = _dist_with_one_shot(held)
+    failed = True
     try:
         yield
+        failed = False
     finally:
+        _steps_end(failed)
         tensor_parallel.dist = held

@@ -19,6 +19,12 @@ region ``p - 1``, never ``p``. The first sum of every step goes through PyTorch'
 barriers line both GPUs up: nothing of the next step lands before both have finished every sum of this one.
 Two GPUs only (a group of 4 or 8 keeps the one-shot kernel), inputs our product kernel takes, and a step's parts
 within the buffer (`_LANDING_BYTES`); the choice depends on shapes only, so every rank makes the same one.
+
+Failures. Both kernels are checked to build before the ranks agree to push; if the product kernel cannot be built
+later, the part is computed by ``F.linear`` and pushed all the same. A step that raises may leave parts whose sums
+never ran in a landing buffer: the buffers are then not used again (`_all_reduce._steps_end`). A rank that stops
+in the middle of a step (killed, or an error on that rank only) leaves the other waiting in `_landed_sum` with no
+time limit, where NCCL's all-reduce would wait for its watchdog.
 """
 
 from __future__ import annotations
@@ -77,6 +83,19 @@ def landed_sum(mine: torch.Tensor, landing: torch.Tensor) -> None:
     )
 
 
+def _sum_builds(like: torch.Tensor) -> bool:
+    """Whether `_landed_sum` builds (and runs) for ``like``'s dtype and device: checked on a region of this GPU that
+    has landed, before every rank agrees to push (a rank that could not sum would leave the other waiting)."""
+    from ._ring_decode import compile_errors
+
+    try:
+        landed = torch.zeros(8, dtype=bits_of(like.dtype), device=like.device)
+        landed_sum(torch.zeros(8, dtype=like.dtype, device=like.device), landed)
+        return True
+    except compile_errors():
+        return False
+
+
 class Landings:
     """This GPU's landing buffer and the other GPU's, per (group, device, dtype), and where this step's next
     region starts in them."""
@@ -121,6 +140,8 @@ class Landings:
             mine.fill_(negative_zero(like.dtype))
         except Exception as error:  # no peer access, a PyTorch without symmetric memory: one-shot sums as before
             reason = f"{type(error).__name__}: {error}"
+        if mine is not None and not _sum_builds(like):
+            mine, reason = None, "the landed-sum kernel cannot be built here"
         if agree(mine is not None):
             try:
                 handle = symm_mem.rendezvous(mine, group_name)

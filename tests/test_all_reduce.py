@@ -194,15 +194,21 @@ def test_without_the_stand_in_a_row_parallel_product_is_all_reduced_by_torch_dis
         torch.testing.assert_close(got, torch.nn.functional.linear(input, weight), rtol=1e-5, atol=1e-5)
 
 
-def test_after_the_first_sum_of_a_step_products_are_pushed_and_summed_where_they_land(monkeypatch, kernel_on_cpu):
+@pytest.mark.parametrize("buildable", [True, False], ids=["kernel", "kernel-cannot-be-built"])
+def test_after_the_first_sum_of_a_step_products_are_pushed_and_summed_where_they_land(
+    monkeypatch, kernel_on_cpu, buildable
+):
     """Sums after a step's first (`step_begins`) go as pushed sums (`_pushed_sums`): our product stored into the
     other rank's landing region too, and the other's part (landed in ours) added. The step's first sum stays
-    one-shot: its barriers keep the next step's parts from landing early."""
+    one-shot: its barriers keep the next step's parts from landing early; outside a step nothing is pushed. Where
+    our kernel cannot be built (on this rank, after the other may have pushed), the part is pushed all the same."""
+    from hf_rolling_cache import _kernels
     from hf_rolling_cache import _pushed_sums
     from hf_rolling_cache._narrow_products import launch_for
 
     torch.manual_seed(1)
     input, weight = torch.randn(2, 128), torch.randn(64, 128)
+    launch = launch_for(weight)  # (taken when the step's modules were swapped in, before any build failed)
     theirs_part = torch.randn(2, 64)
     proxy = _all_reduce._DistWithOneShot(RecordingDist(), _all_reduce._Buffers())
     shared = torch.zeros(2 * 64)
@@ -226,13 +232,18 @@ def test_after_the_first_sum_of_a_step_products_are_pushed_and_summed_where_they
     monkeypatch.setattr(_all_reduce, "_PROXIES", [proxy])
     group = types.SimpleNamespace(group_name="g")
     expected = torch.nn.functional.linear(input, weight)
-    _all_reduce.step_begins()
     from transformers.distributed import tensor_parallel
 
     monkeypatch.setattr(tensor_parallel, "dist", proxy)
-    first = _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    for _ in range(2):  # outside a step (no `step_begins` yet): one-shot
+        _all_reduce.summed_product(input, weight, launch, group)
+    assert len(one_shots) == 2 and not regions
+    one_shots.clear()
+    _all_reduce.step_begins()
+    first = _all_reduce.summed_product(input, weight, launch, group)
+    monkeypatch.setattr(_kernels._narrow_products, "unbuildable", not buildable)
     assert len(one_shots) == 1 and not regions  # the step's first: one-shot
-    second = _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    second = _all_reduce.summed_product(input, weight, launch, group)
     assert len(one_shots) == 1 and len(regions) == 1  # then pushed
     torch.testing.assert_close(first, 2 * expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, expected + theirs_part, rtol=1e-5, atol=1e-5)
@@ -240,5 +251,29 @@ def test_after_the_first_sum_of_a_step_products_are_pushed_and_summed_where_they
     torch.testing.assert_close(theirs.view(torch.float32), expected, rtol=1e-5, atol=1e-5)  # pushed to the other
     assert (mine == _pushed_sums.negative_zero(torch.float32)).all()  # our landing region cleared again
     _all_reduce.step_begins()
-    _all_reduce.summed_product(input, weight, launch_for(weight), group)
+    _all_reduce.summed_product(input, weight, launch, group)
     assert len(one_shots) == 2  # a new step: its first sum one-shot again
+
+
+def test_a_failed_step_leaves_no_landing_buffer_to_be_read_again(monkeypatch):
+    """A step that raises inside the captured steps' block may have pushed parts whose sums never ran: later sums
+    would take them for the other rank's. Its landing buffers are dropped (every later sum one-shot), and outside
+    the block no sum is counted as a step's."""
+    from hf_rolling_cache import _pushed_sums
+
+    proxy = _all_reduce._DistWithOneShot(RecordingDist(), _all_reduce._Buffers())
+    proxy.landings = _pushed_sums.Landings()
+    monkeypatch.setattr(_all_reduce, "_PROXIES", [proxy])
+    monkeypatch.setattr(_all_reduce, "_dist_with_one_shot", lambda dist: proxy)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with _all_reduce.one_shot_all_reduces():
+        _all_reduce.step_begins()
+        assert proxy.position == 0
+    assert proxy.position is None and proxy.landings.unavailable is None  # a block that ended well
+    with pytest.raises(RuntimeError, match="a failing step"), _all_reduce.one_shot_all_reduces():
+        _all_reduce.step_begins()
+        raise RuntimeError("a failing step")
+    assert proxy.position is None
+    assert "failed" in proxy.landings.unavailable
+    assert proxy.landings.regions("g", torch.zeros(4), lambda ok: ok) is None
