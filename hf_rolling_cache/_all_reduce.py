@@ -158,9 +158,9 @@ def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] 
         position = dist.position  # None outside a step's warm-up or capture (`step_begins`): never pushed there
         if position is not None:
             dist.position += 1
-        if position and _pushed(dist, input, weight, launch, group, out):  # (a step's first: one-shot, see there)
-            return out
-        target = dist._one_shot_view(out, None, group, False)
+        target = dist._one_shot_view(out, None, group, False)  # (also the pushed sums' conditions)
+        if target is not None and position and _pushed(dist, input, weight, launch, group, out):
+            return out  # (a step's first sum stays one-shot: see `_pushed_sums`)
         if target is not None:
             shared, group_name = target
             kernel = _ours(input, weight, launch)
@@ -176,12 +176,13 @@ def summed_product(input: torch.Tensor, weight: torch.Tensor, launch: list[int] 
 
 def _pushed(dist: _DistWithOneShot, input, weight, launch, group, out: torch.Tensor) -> bool:
     """Whether the sum went as a pushed sum (`_pushed_sums`) into ``out``: our product kernel pushing its part to
-    the other GPU, then summing where the other's landed. Two GPUs, inputs our kernel takes, a landing buffer."""
+    the other GPU, then summing where the other's landed. A sum the one-shot takes (the caller checked), on two
+    GPUs, inputs our kernel takes, a landing buffer."""
     from . import _pushed_sums
     from ._narrow_products import _built, _ours, narrow_linear
 
-    if not _ours(input, weight, launch) or dist._one_shot_view(out, None, group, False) is None:
-        return False  # (the one-shot's own conditions: a sum it takes, the group's buffers shared)
+    if not _ours(input, weight, launch):
+        return False
     group = group if group is not None else dist.group.WORLD
     if dist.get_world_size(group) != 2:
         return False

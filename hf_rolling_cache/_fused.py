@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from ._tp_products import Sharded, local, shard_of
+from ._tp_products import Sharded, inference_input, local, shard_of
 
 # Sibling projections that read the same input, in the order a decoder layer calls them.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -207,7 +207,7 @@ def _rows_of_fused_product(self: torch.nn.Linear, input: torch.Tensor) -> torch.
 def _rows_of_fused_shards(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """A column-parallel part's rows: what Transformers' forward computes for a plain input without gradient (the
     local shard's product); anything else goes to that forward."""
-    if type(input) is not torch.Tensor or torch.is_grad_enabled():
+    if not inference_input(input):
         return self.tp_forward(input)
     return _rows_of_fused_product(self, input)
 

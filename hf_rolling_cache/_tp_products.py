@@ -102,7 +102,7 @@ def sharded_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """What Transformers' forward computes for a plain input without gradient, the shard's product by our kernel:
     column-parallel, the local rows (and bias); row-parallel, the partial product summed over the group
     (`_all_reduce.summed_product`), then the bias. Anything else goes to Transformers' forward."""
-    if type(input) is not torch.Tensor or torch.is_grad_enabled():
+    if not inference_input(input):
         return self.tp_forward(input)
     from ._all_reduce import _DistWithOneShot, summed_product
     from ._narrow_products import product  # imported already: the launch came from it
@@ -118,6 +118,12 @@ def sharded_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
         out = product(input, weight, None, self.narrow_launch)
         tensor_parallel.dist.all_reduce(out, group=self.tp_group)
     return out if bias is None else out + bias
+
+
+def inference_input(input) -> bool:
+    """A plain tensor without gradient: where Transformers' forward multiplies the local shards as they are (a
+    DTensor input, or a gradient to keep, goes to that forward)."""
+    return type(input) is torch.Tensor and not torch.is_grad_enabled()
 
 
 def agreed(shards: list[tuple[torch.nn.Linear, Sharded, list[int] | None]]) -> list[tuple]:
