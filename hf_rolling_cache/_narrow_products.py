@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from . import _kernels
 from ._ring_decode import _capability, _dependent_launch, _multiprocessors, compile_errors
+from ._pushed_sums import negative_zero
 
 try:
     import triton
@@ -283,7 +284,7 @@ def narrow_linear(
         x, weight, bias if bias is not None else weight, added, out, peer if peer is not None else out, rows,
         columns, out_features // 2, x.stride(0), weight.stride(0), added.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATED=gated, PUSH=peer is not None,
-        NEGATIVE_ZERO=-(1 << (8 * out.element_size() - 1)), BLOCK_M=MAX_ROWS,
+        NEGATIVE_ZERO=negative_zero(out.dtype), BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, IEEE=weight.dtype == torch.float32, num_warps=num_warps,
         num_stages=num_stages, **_dependent_launch(weight),
     )

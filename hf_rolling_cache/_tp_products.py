@@ -48,7 +48,9 @@ def shard_of(module: torch.nn.Module) -> Sharded | None:
         return None
     if getattr(original, "__self__", None) is not module or getattr(module, "_hf_quantized_needs_local_tp", False):
         return None
-    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+    from ._fused import _hooked  # (imported already: `_fused` imports this module)
+
+    if _hooked(module):
         return None
     style, mesh = cells.get("self"), cells.get("mesh")
     rowwise = _style(style)
