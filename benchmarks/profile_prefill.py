@@ -1,9 +1,10 @@
 """Where a long prompt's first token goes: one chunked prefill of the rolling path, its kernels by class.
 
-    python -m benchmarks.profile_prefill --prompt 32768 [--chunk 4096 8192] [--json results/h100/profile_prefill.json]
+    python -m benchmarks.profile_prefill --prompt 32768 [--chunk 4096 8192] [--forms eager compiled] [--json F]
 
 The prompt goes through the model chunk by chunk (``prefill_chunk_size``, default the window), as ``generate`` does
-with the rolling cache, timed end to end and then once under torch.profiler. Kernel classes: weight products
+with the rolling cache, timed end to end and then once under torch.profiler; ``compiled``: the compiled prefill
+of ``use_cuda_graphs(model, compile=True, compile_prefill=True)`` (its warm-up reported, not counted). Kernel classes: weight products
 (cuBLAS/cutlass GEMMs), attention (xFormers/flash), copies and index writes (packing, the ring write, the history
 gather), and everything else (norms, rotary, activations, adds). Each class against its floor at the matrix rate and
 bandwidth this GPU shows on a large bf16 product and a large copy.
@@ -12,6 +13,7 @@ bandwidth this GPU shows on a large bf16 product and a large copy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -21,6 +23,7 @@ from benchmarks.gpu_bench import build_model
 from benchmarks.profile_decode import kernel_class as decode_kernel_class
 from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache._compiled import CompiledLayers
 
 CLASSES = (  # (class, substrings of kernel names), first match wins: prefill's own split (copies and index writes)
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
@@ -47,27 +50,36 @@ def matrix_rate(size: int = 8192) -> float:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, chunk: int) -> None:
+def prefill(model, ids: torch.Tensor, chunk: int, layers=None) -> torch.Tensor:
+    """The prompt chunk by chunk; ``layers`` (a `CompiledLayers`): its compiled prefill swapped in, as
+    ``use_cuda_graphs(model, compile=True)`` does for each chunk. The last token's logits."""
     cache = RollingSlidingWindowCache(config=model.config)
     mask = torch.ones_like(ids)
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
-        model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, logits_to_keep=1)
+        with layers.prefill_swapped_in() if layers is not None else contextlib.nullcontext():
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+                        logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
-def profile(model, prompt: int, chunk: int, top: int) -> dict:
+def profile(model, prompt: int, chunk: int, top: int, layers=None) -> dict:
+    torch.manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device="cuda")
-    prefill(model, ids[:, : 2 * chunk], chunk)  # warm-up: xFormers' operator choice, cuBLAS heuristics
+    began = time.perf_counter()
+    prefill(model, ids[:, : 2 * chunk], chunk, layers)  # warm-up: compilation, xFormers' choice, cuBLAS heuristics
+    torch.cuda.synchronize()
+    warm_up_s = time.perf_counter() - began
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     weights = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    prefill(model, ids, chunk)
+    logits = prefill(model, ids, chunk, layers)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_gib = (torch.cuda.max_memory_allocated() - weights) / 2**30
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        prefill(model, ids, chunk)
+        prefill(model, ids, chunk, layers)
         torch.cuda.synchronize()
     events = prof.key_averages()
     per_class: dict[str, float] = {}
@@ -84,7 +96,8 @@ def profile(model, prompt: int, chunk: int, top: int) -> dict:
     visible = sum(min(p + 1, window) for p in range(0, prompt, 64)) * 64
     attention_flops = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * visible
     rate = matrix_rate()
-    print(f"prompt {prompt}, chunk {chunk}: first token {seconds:.3f} s, {peak_gib:.3f} GiB above the weights; "
+    form = "compiled" if layers is not None else "eager"
+    print(f"{form}: warm-up {warm_up_s:.1f} s; prompt {prompt}, chunk {chunk}: first token {seconds:.3f} s, {peak_gib:.3f} GiB above the weights; "
           f"kernels {kernels_s:.3f} s, gaps {seconds - kernels_s:.3f} s; bf16 product rate {rate / 1e12:.0f} TFLOP/s",
           flush=True)
     floors = {"weight products": product_flops / rate, "attention": attention_flops / rate}
@@ -95,7 +108,7 @@ def profile(model, prompt: int, chunk: int, top: int) -> dict:
     print("  top kernels (s):")
     for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"    {event.device_time_total / 1e6:7.3f}  x{event.count:<5d} [{kernel_class(event.key)}] {event.key[:110]}")
-    return dict(prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
+    return dict(form=form, logits=logits, warm_up_s=warm_up_s, prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
                 kernels_s=kernels_s, per_class_s=per_class, floors_s=floors, product_tflops=rate / 1e12,
                 bandwidth_tb_s=read_bandwidth() / 1e12)
 
@@ -105,11 +118,23 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32768)
     parser.add_argument("--chunk", type=int, nargs="+", default=[4096])
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--forms", nargs="+", choices=("eager", "compiled"), default=["eager"],
+                        help="compiled: the prefill of use_cuda_graphs(compile=True) (compiled layers, FlexAttention)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model = build_model(False, "cuda")
     model.set_attn_implementation("rolling_xformers")
-    rows = [profile(model, args.prompt, chunk, args.top) for chunk in args.chunk]
+    rows = []
+    for form in args.forms:
+        layers = CompiledLayers(model) if form == "compiled" else None
+        rows += [profile(model, args.prompt, chunk, args.top, layers) for chunk in args.chunk]
+    eager = next((row["logits"] for row in rows if row["form"] == "eager"), None)
+    for row in rows:
+        logits = row.pop("logits")
+        if eager is not None:
+            row["max_logit_diff_vs_eager"] = (logits - eager).abs().max().item()
+            print(f"{row['form']} chunk {row['chunk']}: largest last-token logit difference from eager "
+                  f"{row['max_logit_diff_vs_eager']:.3g}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), handle, indent=2)

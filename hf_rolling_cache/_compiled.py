@@ -12,6 +12,7 @@ import types
 import torch
 
 from . import _ring_decode
+from ._flex import distinct_sizes, prefill_kernel
 from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
 from ._tp_products import agreed, local, shard_of
 from ._tp_products import swapped_in as sharded_products
@@ -26,7 +27,7 @@ class CompiledLayers:
     untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor", prefill: bool = False) -> None:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
@@ -48,6 +49,9 @@ class CompiledLayers:
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
         options = _inductor_options() if backend == "inductor" else None
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
+        self.prefill = prefill  # prefill forwards run compiled too (`use_cuda_graphs(compile_prefill=True)`)
+        self._prefill = None  # compiled for prefill on first use (`prefill_swapped_in`)
+        self.sharded = any(shard_of(linear) is not None for linear in self._linears)  # tensor parallel
         self._backend = backend
         self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
         # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
@@ -62,17 +66,11 @@ class CompiledLayers:
     @contextlib.contextmanager
     def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
         """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
-        # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
-        # let it hold many entries instead of falling back to eager after the default 8.
-        limit = 8 * len(self.modules)
         rings = list(cache.layers) if cache is not None else []
         swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
         swaps += [(ring, "decode_writer", self._compiled_writer(ring)) for ring in rings]
         swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
-        # What the instances held before (an Accelerate hook may have set its own forward): put back after.
-        previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
-        limits = torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
-        with limits, contextlib.ExitStack() as fused:
+        with self._recompile_limits(), contextlib.ExitStack() as fused:
             for group in list(self.groups):
                 if group.intact():
                     fused.enter_context(group.swapped_in())
@@ -82,17 +80,30 @@ class CompiledLayers:
             swaps += [swap for group in self.groups if (swap := gated_swap(group)) is not None]
             swaps += self._narrow_swaps()
             fused.enter_context(sharded_products(self._sharded_products()))
-            previous += [vars(obj).get(name, _UNSET) for obj, name, _ in swaps[len(previous):]]
-            for obj, name, replacement in swaps:
-                setattr(obj, name, replacement)
-            try:
+            with _installed(swaps):
                 yield
-            finally:  # in reverse, each put back whatever else fails: nothing of ours stays on a module
-                for (obj, name, _), held in reversed(list(zip(swaps, previous))):
-                    if held is _UNSET:
-                        vars(obj).pop(name, None)
-                    else:
-                        setattr(obj, name, held)
+
+    @contextlib.contextmanager
+    def prefill_swapped_in(self):
+        """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
+        shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
+        the attention FlexAttention's (`_flex`)."""
+        if self._prefill is None:
+            options = _inductor_options() if self._backend == "inductor" else None
+            self._prefill = [
+                _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=options))
+                for m in self.modules
+            ]
+        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._prefill)]
+        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
+        with self._recompile_limits(), distinct_sizes(), _installed(swaps), prefill_kernel():
+            yield
+
+    def _recompile_limits(self):
+        # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
+        # let it hold many entries instead of falling back to eager after the default 8.
+        limit = 8 * len(self.modules)
+        return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit))
 
     def _narrow_swaps(self) -> list[tuple]:
         """A forward multiplying by our kernel (`_narrow_products`) for each plain product outside the fused groups
@@ -137,6 +148,61 @@ class CompiledLayers:
 
 
 _UNSET = object()
+
+
+def _with_contiguous_inputs(compiled):
+    """``compiled`` called with its tensor arguments in the standard strides of their shapes, their token dimension
+    (that of ``hidden_states``: the second of a batched tensor, the first of ``cache_position``) marked dynamic,
+    so one compilation serves every prompt and chunk length while head and hidden sizes stay static. Standard
+    strides: generate's chunked prefill hands each layer a slice of the prompt's ``position_ids``, ``[1, chunk]``
+    with a row stride of the prompt's length (contiguous as far as ``is_contiguous`` cares, so ``.contiguous()``
+    keeps it), and compiled code guards on strides: a prompt of a new length would compile again."""
+
+    def standard(tensor: torch.Tensor) -> torch.Tensor:
+        strides, step = [], 1
+        for size in reversed(tensor.shape):
+            strides.append(step)
+            step *= size
+        if tensor.stride() == tuple(reversed(strides)):
+            return tensor
+        return tensor.clone(memory_format=torch.contiguous_format)
+
+    def prepared(value, tokens: int):
+        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            return tuple(prepared(v, tokens) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = standard(value)
+        dim = 1 if value.dim() >= 2 else 0
+        if value.dim() >= 1 and value.shape[dim] == tokens and tokens > 1:
+            torch._dynamo.maybe_mark_dynamic(value, dim)
+        return value
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 0
+        return compiled(*(prepared(a, tokens) for a in args),
+                        **{name: prepared(value, tokens) for name, value in kwargs.items()})
+
+    return forward
+
+
+@contextlib.contextmanager
+def _installed(swaps: list[tuple]):
+    """Each ``(obj, name, replacement)`` set as an instance attribute inside the block, then whatever the instance
+    held before put back (an Accelerate hook may have set its own forward), in reverse, even after a failure:
+    nothing of ours stays on a module."""
+    previous = [vars(obj).get(name, _UNSET) for obj, name, _ in swaps]
+    try:
+        for obj, name, replacement in swaps:
+            setattr(obj, name, replacement)
+        yield
+    finally:
+        for (obj, name, _), held in reversed(list(zip(swaps, previous))):
+            if held is _UNSET:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, held)
 
 # Whether inductor's kernels are programmatic dependent launches where ours are (`_inductor_options`). Off: see there.
 INDUCTOR_DEPENDENT_LAUNCH = False

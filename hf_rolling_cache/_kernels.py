@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ._flex import _flex
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,8 @@ _fp8_decode = _Fp8Decode()
 
 
 class _OurKernel:
-    """Whether one of our Triton kernels runs: ``enabled`` unless switched off (`exact_kernels`, or the kernel's own
-    context below); ``devices``: the device types it runs on (tests add "cpu", where Triton's interpreter runs it);
-    ``unbuildable``: Triton could not build it for this GPU (then off for the process, whatever ``enabled`` says)."""
+    """Whether one of our Triton kernels runs: ``enabled`` unless switched off (`exact_kernels`, its context below);
+    ``devices``: where it runs (tests add "cpu": Triton's interpreter); ``unbuildable``: not buildable here."""
 
     def __init__(self) -> None:
         self.enabled, self.devices, self.unbuildable = True, ("cuda",), False
@@ -142,11 +142,10 @@ def narrow_product_kernel(enabled: bool) -> contextlib.AbstractContextManager[No
 
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
-    """Use the exact dense kernel for prefill phases even on CUDA, decode with a separate write and SDPA, multiply
-    with cuBLAS, and dequantize 8-bit rings (to compare the paths). A decode step captured earlier
-    (`use_cuda_graphs`) replays the kernels it was captured with: release the graphs first to compare captured
-    steps."""
-    switches = (_xformers, _fp8_decode, _ring_decode, _narrow_products)
+    """Prefill by the exact dense kernel even on CUDA (neither xFormers nor FlexAttention), decode by a separate
+    write and SDPA, products by cuBLAS, 8-bit rings dequantized (to compare the paths). A decode step captured
+    earlier (`use_cuda_graphs`) replays the kernels it was captured with: release the graphs first to compare."""
+    switches = (_xformers, _fp8_decode, _ring_decode, _narrow_products, _flex)
     previous = [switch.enabled for switch in switches]
     for switch in switches:
         switch.enabled = False

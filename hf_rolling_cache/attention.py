@@ -15,6 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
+from ._flex import applies as flex_applies
+from ._flex import flex_packed
 from ._fp8 import Fp8KVLayer
 from ._kernels import attend_packed, attend_ring, attend_ring_fp8, fp8_kernel_applies, ring_attention, ring_kernel_applies
 from ._layers import StagedKV
@@ -237,11 +239,17 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
         keys, values = layer.history_with(packed_keys, packed_values, plan, indices)
     else:  # first chunk: nothing held yet
         keys, values = packed_keys, packed_values
-    out = attend_packed(packed_query, keys, values, plan, scaling, extras.softcap, extras.sinks)
+    out = None
+    if flex_applies(packed_query, extras.softcap, extras.sinks):  # the compiled prefill (`_flex`)
+        out = flex_packed(packed_query, keys, values, plan, scaling)
+    if out is None:
+        out = attend_packed(packed_query, keys, values, plan, scaling, extras.softcap, extras.sinks)
     if cache is not None:  # attend, then write
         layer.write(packed_keys, packed_values, indices)
         cache.ledger.layer_written(plan, layer_idx)
-    return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
+    out = _unpack(out, indices.query_index, query.shape[0], query.shape[2])
+    # a view's base differs from chunk to chunk: compiled callers (the compiled prefill) would guard on it
+    return (out if out.requires_grad else out.detach()), None
 
 
 def _attend_decode(query, layer, plan, scaling, extras) -> torch.Tensor:
