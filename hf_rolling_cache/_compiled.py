@@ -47,12 +47,12 @@ class CompiledLayers:
             linears.append(head)
         self._linears = list({id(linear): linear for linear in linears}.values())  # a module shared by layers: once
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
-        options = _inductor_options() if backend == "inductor" else None
-        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=options) for m in modules]
+        self._backend = backend
+        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=self._options())
+                          for m in modules]
         self.prefill = prefill  # prefill forwards run compiled too (`use_cuda_graphs(compile_prefill=True)`)
         self._prefill = None  # compiled for prefill on first use (`prefill_swapped_in`)
         self.sharded = any(shard_of(linear) is not None for linear in self._linears)  # tensor parallel
-        self._backend = backend
         self._writers: dict = {}  # a layer kind's decode writer -> its compiled copy (plain and fp8 rings differ)
         # Transformers' attention hands its int ``layer_idx`` to the cache's update (a graph break), and dynamo
         # specializes an int attribute of a module: one recompile per layer, most of a 7B model's warm-up. As a
@@ -67,9 +67,8 @@ class CompiledLayers:
     def swapped_in(self, cache: RollingSlidingWindowCache | None = None):
         """Compiled forwards on the modules (and a compiled ring write on ``cache``'s layers) inside the block."""
         rings = list(cache.layers) if cache is not None else []
-        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._compiled)]
+        swaps = self._layer_swaps(self._compiled)
         swaps += [(ring, "decode_writer", self._compiled_writer(ring)) for ring in rings]
-        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
         with self._recompile_limits(), contextlib.ExitStack() as fused:
             for group in list(self.groups):
                 if group.intact():
@@ -89,15 +88,20 @@ class CompiledLayers:
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
         the attention FlexAttention's (`_flex`)."""
         if self._prefill is None:
-            options = _inductor_options() if self._backend == "inductor" else None
             self._prefill = [
-                _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=options))
+                _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options()))
                 for m in self.modules
             ]
-        swaps = [(m, "forward", c) for m, c in zip(self.modules, self._prefill)]
-        swaps += [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
-        with self._recompile_limits(), distinct_sizes(), _installed(swaps), prefill_kernel():
+        with self._recompile_limits(), distinct_sizes(), _installed(self._layer_swaps(self._prefill)), prefill_kernel():
             yield
+
+    def _options(self) -> dict | None:
+        return _inductor_options() if self._backend == "inductor" else None
+
+    def _layer_swaps(self, forwards: list) -> list[tuple]:
+        """``forwards`` on the modules, and each attention's ``layer_idx`` as a tensor (see ``__init__``)."""
+        swaps = [(m, "forward", forward) for m, forward in zip(self.modules, forwards)]
+        return swaps + [(sub, "layer_idx", as_tensor) for sub, as_tensor in self._layer_indices]
 
     def _recompile_limits(self):
         # One compiled code serves every layer of a kind (sliding or global), specialized again per batch size:
@@ -156,7 +160,8 @@ def _with_contiguous_inputs(compiled):
     so one compilation serves every prompt and chunk length while head and hidden sizes stay static. Standard
     strides: generate's chunked prefill hands each layer a slice of the prompt's ``position_ids``, ``[1, chunk]``
     with a row stride of the prompt's length (contiguous as far as ``is_contiguous`` cares, so ``.contiguous()``
-    keeps it), and compiled code guards on strides: a prompt of a new length would compile again."""
+    keeps it), and compiled code may guard on strides (with PyTorch 2.11 on our H100s, the layers compiled again
+    on ``position_ids.stride()[0] == position_ids.size()[1]``)."""
 
     def standard(tensor: torch.Tensor) -> torch.Tensor:
         strides, step = [], 1

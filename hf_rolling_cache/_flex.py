@@ -5,8 +5,8 @@ sequence's keys (held ones oldest first, then the chunk's), from the window's ol
 ("KV Caching in Mistral with Transformers and xFormers": ``make_local_attention`` and
 ``make_local_attention_from_bottomright``). So the whole mask is two integers per query, ``first`` and ``last``,
 and its 128 x 128 tiles are full, partial or skipped from those alone: `block_mask` builds FlexAttention's
-``BlockMask`` from them directly (never the ``[T, S]`` mask), and its kernel skips the tiles outside the window
-that xFormers' flash operator walks (on an H100, a 32k-token prompt's attention in a 7B model: 0.22 s against 0.27).
+``BlockMask`` from them directly (never the ``[T, S]`` mask). On an H100 a 32k-token prompt's attention in a 7B
+model takes 0.22 s this way against 0.27 s by xFormers' flash operator (measured, `benchmarks.prefill_attention`).
 
 FlexAttention is compiled once per process (seconds), so it serves only the compiled prefill, which has asked for
 a warm-up; everywhere else prefill stays with xFormers, as it does in fp32 (the exactness tests' dtype, and one in
@@ -66,9 +66,10 @@ DTYPES = (torch.bfloat16, torch.float16)  # float32 prefill stays with xFormers 
 
 
 def applies(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | None) -> bool:
+    """Inside the compiled prefill, for inference only (`flex_packed` hands detached tensors to the kernel)."""
     return (
         bool(_flex.active) and _flex.enabled and query.is_cuda and query.dtype in DTYPES and softcap is None
-        and sinks is None and _inputs(query) not in _flex.refused
+        and sinks is None and not query.requires_grad and _inputs(query) not in _flex.refused
     )
 
 
@@ -96,7 +97,8 @@ def key_ranges(plan: StepPlan, device: torch.device | str = "cpu") -> tuple[torc
 
 
 def block_mask(plan: StepPlan, device: torch.device):
-    """FlexAttention's ``BlockMask`` of a prefill plan, made once per plan and device (shared by its layers)."""
+    """FlexAttention's ``BlockMask`` of a prefill plan and the key bounds its mask function reads (``first``,
+    ``last``, padded to whole tiles), made once per plan and device (shared by its layers)."""
     key = ("flex_block_mask", device)
     if key not in plan._per_device:
         plan._per_device[key] = _block_mask(plan, device)
@@ -119,7 +121,6 @@ def _block_mask(plan: StepPlan, device: torch.device):
     key_last = key_first + BLOCK - 1
     visits = (key_first <= tile_last.amax(1, keepdim=True)) & (key_last >= tile_first.amin(1, keepdim=True))
     full = (key_first >= tile_first.amax(1, keepdim=True)) & (key_last <= tile_last.amin(1, keepdim=True))
-    full &= key_last < num_keys  # a last, partial tile of keys: masked
     if pad:
         full[-1] = False  # a last, partial tile of queries: masked
     partial = visits & ~full
@@ -132,9 +133,10 @@ def _block_mask(plan: StepPlan, device: torch.device):
     def within_range(batch, head, query, key):
         return (key >= first_key[query]) & (key <= last_key[query])
 
-    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=BLOCK,
+    mask = BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=BLOCK,
                                     mask_mod=within_range, seq_lengths=(num_queries, num_keys),
                                     compute_q_blocks=False)
+    return mask, (first_key, last_key)
 
 
 def _block_list(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,28 +156,29 @@ def distinct_sizes():
     return shapes.patch(use_duck_shape=False)
 
 
-def _mask_tensors(mask) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+def _mask_tensors(mask, bounds) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
     """The block mask's tile lists and the key bounds its mask function reads, each with its tile or token
     dimensions."""
     counts = [(t, (2,)) for t in (mask.kv_num_blocks, mask.full_kv_num_blocks)]
     indices = [(t, (2, 3)) for t in (mask.kv_indices, mask.full_kv_indices)]
-    bounds = [(cell.cell_contents, (0,)) for cell in mask.mask_mod.__closure__ or ()]
-    return [(t, dims) for t, dims in counts + indices + bounds if isinstance(t, torch.Tensor)]
+    return counts + indices + [(t, (0,)) for t in bounds]
 
 
 def flex_packed(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float
 ) -> torch.Tensor | None:
     """Packed prefill attention ``[T, H_q, D]`` by FlexAttention, or None where it cannot run here."""
-    mask = block_mask(plan, query.device)
+    mask, bounds = block_mask(plan, query.device)
     # (detached: no view's base for the compiled code to guard on, which differs between first and later chunks)
     inputs = [t.detach().unsqueeze(0).transpose(1, 2) for t in (query, keys, values)]
-    for tensor, dims in [*((t, (2,)) for t in inputs), *_mask_tensors(mask)]:
+    for tensor, dims in [*((t, (2,)) for t in inputs), *_mask_tensors(mask, bounds)]:
         for dim in dims:
             if tensor.shape[dim] > 1:  # (a dimension of 1 is always specialized)
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
     try:
         out = _flex.attention()(*inputs, block_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1])
+    except torch.OutOfMemoryError:
+        raise  # (not a refusal of these inputs: the caller's to handle, as with any kernel)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler or kernel: xFormers for such inputs
         _flex.refused.add(_inputs(query))
         logger.warning("FlexAttention cannot run the prefill here for %s queries of head size %d (%s: %s); using "

@@ -247,9 +247,7 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
     if cache is not None:  # attend, then write
         layer.write(packed_keys, packed_values, indices)
         cache.ledger.layer_written(plan, layer_idx)
-    out = _unpack(out, indices.query_index, query.shape[0], query.shape[2])
-    # a view's base differs from chunk to chunk: compiled callers (the compiled prefill) would guard on it
-    return (out if out.requires_grad else out.detach()), None
+    return _unpack(out, indices.query_index, query.shape[0], query.shape[2]), None
 
 
 def _attend_decode(query, layer, plan, scaling, extras) -> torch.Tensor:

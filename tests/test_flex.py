@@ -54,7 +54,7 @@ def listed_tiles(counts: torch.Tensor, indices: torch.Tensor, key_tiles: int) ->
 
 @pytest.mark.parametrize("plan", random_plans(30, seed=1), ids=lambda p: f"{p.phase.name}-w{p.window}-{p.q_seqlens}")
 def test_the_block_mask_visits_exactly_the_tiles_with_a_visible_key_and_skips_the_mask_only_where_all_are(plan):
-    mask = _flex.block_mask(plan, torch.device("cpu"))
+    mask, _ = _flex.block_mask(plan, torch.device("cpu"))
     tile = _flex.BLOCK
     rows, key_tiles = -(-plan.num_queries // tile), -(-plan.num_keys // tile)
     partial = listed_tiles(mask.kv_num_blocks, mask.kv_indices, key_tiles)
@@ -68,10 +68,21 @@ def test_the_block_mask_visits_exactly_the_tiles_with_a_visible_key_and_skips_th
     assert mask.seq_lengths == (plan.num_queries, plan.num_keys)
 
 
+# Plans with many 128-token tiles, most of them inside the window (no mask), as a 7B model's 4096-token chunks
+MULTI_TILE_PLANS = [
+    dict(window=300, q_length=700, q_seqlens=[700], seen=[0]),
+    dict(window=1000, q_length=600, q_seqlens=[600, 257], seen=[900, 0]),
+    dict(window=513, q_length=640, q_seqlens=[640, 3, 500], seen=[513, 700, 1]),
+    dict(window=None, q_length=400, q_seqlens=[400, 130], seen=[500, 0], capacity=1000),
+]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flex_attention_over_the_block_mask_equals_the_exact_kernel(seed):
-    """Compiled FlexAttention (on CPU: inductor's C++ kernel) on plans of every phase, grouped query heads."""
-    for plan in random_plans(4, seed=10 + seed):
+    """Compiled FlexAttention (on CPU: inductor's C++ kernel) on plans of every phase, grouped query heads, and on
+    plans whose chunks span many tiles without a mask."""
+    plans = random_plans(4, seed=10 + seed) + [build_plan(**options) for options in MULTI_TILE_PLANS[seed::2]]
+    for plan in plans:
         generator = torch.Generator().manual_seed(seed)
         query = torch.randn(plan.num_queries, 4, 16, generator=generator)
         keys, values = (torch.randn(plan.num_keys, 2, 16, generator=generator) for _ in range(2))
@@ -79,6 +90,7 @@ def test_flex_attention_over_the_block_mask_equals_the_exact_kernel(seed):
         assert out is not None and out.is_contiguous()
         torch.testing.assert_close(out, dense_attention(query, keys, values, plan.dense_mask(), 0.3),
                                    rtol=0, atol=1e-5)
+    assert sum(int(_flex.block_mask(plan, torch.device("cpu"))[0].full_kv_num_blocks.sum()) for plan in plans) > 10
 
 
 def test_a_flex_attention_that_fails_warns_once_and_leaves_prefill_to_the_other_kernels(monkeypatch, caplog):
@@ -105,8 +117,8 @@ class OnCuda:
 
     is_cuda = True
 
-    def __init__(self, dtype=torch.bfloat16, shape=(2, 4, 8), device=torch.device("cuda", 0)):
-        self.dtype, self.shape, self.device = dtype, shape, device
+    def __init__(self, dtype=torch.bfloat16, shape=(2, 4, 8), device=torch.device("cuda", 0), requires_grad=False):
+        self.dtype, self.shape, self.device, self.requires_grad = dtype, shape, device, requires_grad
 
 
 def test_flex_applies_inside_the_compiled_prefill_only_on_cuda_in_half_precision_without_caps_or_sinks():
@@ -117,6 +129,7 @@ def test_flex_applies_inside_the_compiled_prefill_only_on_cuda_in_half_precision
         assert not _flex.applies(query, None, None)  # (CPU)
         assert _flex.applies(on_cuda, None, None) and _flex.applies(OnCuda(dtype=torch.float16), None, None)
         assert not _flex.applies(OnCuda(dtype=torch.float32), None, None)
+        assert not _flex.applies(OnCuda(requires_grad=True), None, None)  # (its kernel gets detached tensors)
         assert not _flex.applies(on_cuda, 50.0, None) and not _flex.applies(on_cuda, None, torch.zeros(4))
         with exact_kernels():
             assert not _flex.applies(on_cuda, None, None)
@@ -142,6 +155,24 @@ def test_compile_prefill_needs_compile_and_switches_like_compile():
         assert getattr(model, _COMPILED) is not first and getattr(model, _COMPILED).prefill
     finally:
         release_cuda_graphs(model)
+
+
+def test_the_compiled_prefill_is_for_inference_only(monkeypatch):
+    """With gradients on, a prefill forward runs the eager layers and kernels, which backpropagate."""
+    from types import SimpleNamespace
+
+    from hf_rolling_cache import RollingSlidingWindowCache, graphs
+
+    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)  # (no CUDA here)
+    cache = RollingSlidingWindowCache(config=tiny_config(5))
+    placement = SimpleNamespace(offloaded=False, split=False)
+    compiled = SimpleNamespace(prefill=True, sharded=False)
+    kwargs = dict(input_ids=OnCuda(shape=(1, 6)))
+    with torch.no_grad():
+        assert graphs._compiled_prefill(placement, cache, kwargs, compiled)
+        assert not graphs._compiled_prefill(placement, cache, kwargs, SimpleNamespace(prefill=False, sharded=False))
+    with torch.enable_grad():
+        assert not graphs._compiled_prefill(placement, cache, kwargs, compiled)
 
 
 @pytest.fixture
@@ -193,6 +224,33 @@ def test_the_compiled_prefill_gives_transformers_logits_and_puts_every_module_ba
     step = rolling(input_ids=column, attention_mask=attention_mask, past_key_values=cache).logits[:, -1]
     full = reference(input_ids=torch.cat([input_ids, column], dim=1), attention_mask=attention_mask).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["gemma3", "mimo_v2_flash"])
+def test_the_compiled_prefill_of_hybrid_models_gives_transformers_logits(name, flex_on_cpu, fresh_dynamo):
+    """Sliding and global layers in one model (Gemma 3: q/k norms, rope per layer kind; MiMo-V2-Flash: values
+    narrower than keys, sinks on its sliding layers only, which keep their kernel): a ragged prompt in chunks
+    through the compiled prefill gives Transformers' eager logits."""
+    import copy
+
+    from hf_rolling_cache import RollingSlidingWindowCache
+    from tests.families import build
+
+    reference = build(name, window=5, seed=1)
+    rolling = copy.deepcopy(reference)
+    rolling.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = ragged_batch([13, 2, 9], vocab=97, seed=4)
+    layers, cache, ours = CompiledLayers(rolling), RollingSlidingWindowCache(config=rolling.config), []
+    for start in range(0, input_ids.shape[1], 4):
+        end = min(input_ids.shape[1], start + 4)
+        with layers.prefill_swapped_in():
+            ours.append(rolling(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                                past_key_values=cache).logits.float())
+    theirs = reference(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    real = attention_mask.bool()
+    torch.testing.assert_close(torch.cat(ours, dim=1)[real], theirs[real], rtol=0, atol=1e-4)
+    assert flex_on_cpu  # (the global layers' at least)
 
 
 PROMPTS = [300, 2, 190, 257]  # ragged, several 128-token tiles, longer than the window
