@@ -253,33 +253,7 @@ def test_the_compiled_prefill_of_hybrid_models_gives_transformers_logits(name, f
     assert flex_on_cpu  # (the global layers' at least)
 
 
-PROMPTS = [300, 2, 190, 257]  # ragged, several 128-token tiles, longer than the window
-
-
-def gpu_model(dtype):
-    """Head size 128 (FlexAttention finds no bf16 kernel configuration for 64 on the H100s we use), window 128."""
-    from transformers import MistralForCausalLM
-
-    config = tiny_config(128, kv_heads=2, heads=4, head_dim=128, layers=2, vocab=1000)
-    config.hidden_size, config.intermediate_size = 256, 512
-    torch.manual_seed(0)
-    return MistralForCausalLM(config).eval().to("cuda", dtype)
-
-
-@torch.no_grad()
-def teacher_forced(model, make_cache, chunk, continuation):
-    """The last prompt position's logits (the prompt in column chunks), then each forced continuation step's."""
-    input_ids, attention_mask = (t.cuda() for t in ragged_batch(PROMPTS, vocab=1000, seed=3))
-    cache, width, logits = make_cache(model), input_ids.shape[1], []
-    for start in range(0, width, chunk or width):
-        end = min(width, start + (chunk or width))
-        out = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end], past_key_values=cache)
-    logits.append(out.logits[:, -1].float())
-    for column in continuation.T.cuda():
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits.append(model(input_ids=column[:, None], attention_mask=attention_mask,
-                            past_key_values=cache).logits[:, -1].float())
-    return torch.stack(logits)
+PROMPTS = [300, 2, 190, 257]  # ragged, several 128-token tiles, longer than the window (128)
 
 
 @pytest.mark.gpu
@@ -287,33 +261,26 @@ def teacher_forced(model, make_cache, chunk, continuation):
 def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdpa(chunk, monkeypatch):
     """``use_cuda_graphs(compile=True, compile_prefill=True)`` on CUDA: every prefill forward (a ragged, left-padded
     batch, whole or in chunks) runs the compiled layers and FlexAttention (counted); the logits of the prompt and
-    of later steps err against Transformers' fp32 eager path as little as Transformers' own bf16 sdpa path does."""
-    import copy
-
-    from transformers import DynamicCache
-
-    from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
+    of later steps err against Transformers' fp32 eager path as little as Transformers' own bf16 sdpa path does.
+    Head size 128: FlexAttention finds no bf16 kernel configuration for 64 on the H100s we use."""
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+    from tests.test_gpu import gpu_model, references, rolling_cache, teacher_forced
 
     calls = []
     flex_packed = _flex.flex_packed
     monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", lambda *a: calls.append(1) or flex_packed(*a))
     continuation = torch.randint(1, 1000, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(5))
-    model = gpu_model(torch.bfloat16)
+    model = gpu_model(torch.bfloat16, window=128, heads=4, head_dim=128, layers=2)
     model.set_attn_implementation("rolling_xformers")
     use_cuda_graphs(model, compile=True, compile_prefill=True)
     try:
-        ours = teacher_forced(model, lambda m: RollingSlidingWindowCache(config=m.config), chunk, continuation)
+        ours = teacher_forced(model, rolling_cache, chunk, continuation, PROMPTS)
     finally:
         release_cuda_graphs(model)
     width = max(PROMPTS)
     assert len(calls) == model.config.num_hidden_layers * -(-width // (chunk or width))
     assert not _flex._flex.refused
-    dynamic = (lambda m: DynamicCache(config=m.config))
-    sdpa, truth = (copy.deepcopy(model) for _ in range(2))
-    sdpa.set_attn_implementation("sdpa")
-    truth = truth.float()
-    truth.set_attn_implementation("eager")
-    sdpa, truth = (teacher_forced(m, dynamic, chunk, continuation) for m in (sdpa, truth))
+    sdpa, truth = references(model, chunk, continuation, PROMPTS)
     scale = truth.abs().max().item()
     error, sdpa_error = (ours - truth).abs().max().item(), (sdpa - truth).abs().max().item()
     print(f"scale={scale:.3f} ours={error:.4f} sdpa={sdpa_error:.4f}")

@@ -17,8 +17,8 @@ WINDOW = 16
 LENGTHS = [37, 2, 19, 64]  # ragged, and longer than the window
 
 
-def gpu_model(dtype):
-    config = tiny_config(WINDOW, kv_heads=2, heads=8, head_dim=64, layers=4, vocab=1000)
+def gpu_model(dtype, *, window=WINDOW, heads=8, head_dim=64, layers=4):
+    config = tiny_config(window, kv_heads=2, heads=heads, head_dim=head_dim, layers=layers, vocab=1000)
     config.hidden_size, config.intermediate_size = 256, 512
     torch.manual_seed(0)
     from transformers import MistralForCausalLM
@@ -27,9 +27,9 @@ def gpu_model(dtype):
 
 
 @torch.no_grad()
-def teacher_forced(model, make_cache, chunk, continuation):
+def teacher_forced(model, make_cache, chunk, continuation, lengths=LENGTHS):
     """Logits of every step: the prompt in column chunks (as generate does), then the fixed continuation."""
-    input_ids, attention_mask = (t.cuda() for t in ragged_batch(LENGTHS, vocab=1000, seed=3))
+    input_ids, attention_mask = (t.cuda() for t in ragged_batch(lengths, vocab=1000, seed=3))
     cache = make_cache(model)
     width = input_ids.shape[1]
     logits = []
@@ -52,14 +52,14 @@ def dynamic_cache(model):
     return DynamicCache(config=model.config)
 
 
-def references(model, chunk, continuation):
+def references(model, chunk, continuation, lengths=LENGTHS):
     """Teacher-forced logits of Transformers' own paths on ``model``'s weights: bf16 sdpa, and fp32 eager (truth)."""
     sdpa = copy.deepcopy(model)
     sdpa.set_attn_implementation("sdpa")
     fp32 = copy.deepcopy(model).float()
     fp32.set_attn_implementation("eager")
-    return (teacher_forced(sdpa, dynamic_cache, chunk, continuation),
-            teacher_forced(fp32, dynamic_cache, chunk, continuation))
+    return (teacher_forced(sdpa, dynamic_cache, chunk, continuation, lengths),
+            teacher_forced(fp32, dynamic_cache, chunk, continuation, lengths))
 
 
 @pytest.mark.parametrize("chunk", [None, 8, WINDOW])
