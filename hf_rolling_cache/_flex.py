@@ -10,7 +10,7 @@ model takes 0.22 s this way against 0.27 s by xFormers' flash operator (measured
 
 FlexAttention is compiled once per process (seconds), so it serves only the compiled prefill, which has asked for
 a warm-up; everywhere else prefill stays with xFormers, as it does in fp32 (the exactness tests' dtype, and one in
-which FlexAttention finds no kernel configuration for some head sizes).
+which FlexAttention found no kernel configuration for our GPU tests' model) and for chunks under 128 tokens.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ DTYPES = (torch.bfloat16, torch.float16)  # float32 prefill stays with xFormers 
 
 
 def applies(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | None) -> bool:
-    """Inside the compiled prefill, for inference only (`flex_packed` hands detached tensors to the kernel)."""
+    """Inside the compiled prefill, for inference only (`flex_packed` hands detached tensors to the kernel), for a
+    chunk of at least one tile of queries: a shorter one gains nothing, and compiled first (with PyTorch 2.11 on an
+    H100) FlexAttention found no kernel configuration for it, and would have been refused from then on."""
     return (
         bool(_flex.active) and _flex.enabled and query.is_cuda and query.dtype in DTYPES and softcap is None
-        and sinks is None and not query.requires_grad and _inputs(query) not in _flex.refused
+        and sinks is None and not query.requires_grad and query.shape[0] >= BLOCK
+        and _inputs(query) not in _flex.refused
     )
 
 

@@ -94,7 +94,7 @@ def test_flex_attention_over_the_block_mask_equals_the_exact_kernel(seed):
 
 
 def test_a_flex_attention_that_fails_warns_once_and_leaves_prefill_to_the_other_kernels(monkeypatch, caplog):
-    plan = random_plans(1)[0]
+    plan = build_plan(window=7, q_length=200, q_seqlens=(200,), seen=(0,))
     monkeypatch.setattr(_flex._flex, "refused", set())
     query = torch.randn(plan.num_queries, 4, 16, dtype=torch.bfloat16)
 
@@ -117,7 +117,7 @@ class OnCuda:
 
     is_cuda = True
 
-    def __init__(self, dtype=torch.bfloat16, shape=(2, 4, 8), device=torch.device("cuda", 0), requires_grad=False):
+    def __init__(self, dtype=torch.bfloat16, shape=(128, 4, 8), device=torch.device("cuda", 0), requires_grad=False):
         self.dtype, self.shape, self.device, self.requires_grad = dtype, shape, device, requires_grad
 
 
@@ -130,6 +130,7 @@ def test_flex_applies_inside_the_compiled_prefill_only_on_cuda_in_half_precision
         assert _flex.applies(on_cuda, None, None) and _flex.applies(OnCuda(dtype=torch.float16), None, None)
         assert not _flex.applies(OnCuda(dtype=torch.float32), None, None)
         assert not _flex.applies(OnCuda(requires_grad=True), None, None)  # (its kernel gets detached tensors)
+        assert not _flex.applies(OnCuda(shape=(127, 4, 8)), None, None)  # under one tile of queries
         assert not _flex.applies(on_cuda, 50.0, None) and not _flex.applies(on_cuda, None, torch.zeros(4))
         with exact_kernels():
             assert not _flex.applies(on_cuda, None, None)
@@ -262,7 +263,7 @@ def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdp
     """``use_cuda_graphs(compile=True, compile_prefill=True)`` on CUDA: every prefill forward (a ragged, left-padded
     batch, whole or in chunks) runs the compiled layers and FlexAttention (counted); the logits of the prompt and
     of later steps err against Transformers' fp32 eager path as little as Transformers' own bf16 sdpa path does.
-    Head size 128: FlexAttention finds no bf16 kernel configuration for 64 on the H100s we use."""
+    Chunks of at least 128 tokens each (FlexAttention's tile)."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
     from tests.test_gpu import gpu_model, references, rolling_cache, teacher_forced
 
@@ -270,7 +271,7 @@ def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdp
     flex_packed = _flex.flex_packed
     monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", lambda *a: calls.append(1) or flex_packed(*a))
     continuation = torch.randint(1, 1000, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(5))
-    model = gpu_model(torch.bfloat16, window=128, heads=4, head_dim=128, layers=2)
+    model = gpu_model(torch.bfloat16, window=128, layers=2)
     model.set_attn_implementation("rolling_xformers")
     use_cuda_graphs(model, compile=True, compile_prefill=True)
     try:
