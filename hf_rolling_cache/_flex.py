@@ -9,8 +9,8 @@ and its 128 x 128 tiles are full, partial or skipped from those alone: `block_ma
 model takes 0.22 s this way against 0.27 s by xFormers' flash operator (measured, `benchmarks.prefill_attention`).
 
 FlexAttention is compiled once per process (seconds), so it serves only the compiled prefill, which has asked for
-a warm-up; everywhere else prefill stays with xFormers, as it does in fp32 (the exactness tests' dtype, and one in
-which FlexAttention found no kernel configuration for our GPU tests' model) and for chunks under 128 tokens.
+a warm-up; everywhere else prefill stays with xFormers, as it does in fp32 (the dtype of the exactness tests, which
+keep checking the kernels they always checked) and for chunks under 128 tokens (`applies`).
 """
 
 from __future__ import annotations
