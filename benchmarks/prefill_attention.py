@@ -38,12 +38,12 @@ def xformers_chunk(q, k, v, start, held, window, scale):
     return _grouped_xformers(q, k, v, plan, scale)
 
 
-def _causal_with_lse(q, k, v, scale, backend):
+def _causal_with_lse(q, k, v, scale):
     """``[1, H, L, D]`` causal attention and its log-sum-exp ``[1, H, L]``, by PyTorch's flash kernel."""
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
 
 
-def split_chunk(q, k, v, start, held, window, scale, backend):
+def split_chunk(q, k, v, start, held, window, scale):
     """The chunk's own keys causally, plus its held keys: query i sees held key m iff m >= i, which is causal
     once both are reversed; the two parts merged by their log-sum-exps."""
     length, heads, _ = q.shape
@@ -57,7 +57,7 @@ def split_chunk(q, k, v, start, held, window, scale, backend):
         return x
 
     own_q = bhld(q)
-    own_out, own_lse = _causal_with_lse(own_q, bhld(k[held:]), bhld(v[held:]), scale, backend)
+    own_out, own_lse = _causal_with_lse(own_q, bhld(k[held:]), bhld(v[held:]), scale)
     if held == 0:
         return own_out[0].transpose(0, 1)
     # Query i (position start+i) sees the held keys after position start+i-W: the newest W-1-i of them. Reversed
@@ -67,7 +67,7 @@ def split_chunk(q, k, v, start, held, window, scale, backend):
     rev_q = torch.flip(own_q, dims=[2])[:, :, 1:]  # queries W-2 .. 0
     rev_k = torch.flip(bhld(k[held - seen:held]), dims=[2])
     rev_v = torch.flip(bhld(v[held - seen:held]), dims=[2])
-    held_out, held_lse = _causal_with_lse(rev_q, rev_k, rev_v, scale, backend)
+    held_out, held_lse = _causal_with_lse(rev_q, rev_k, rev_v, scale)
     held_out = torch.flip(held_out, dims=[2])  # queries 0 .. W-2 in order
     held_lse = torch.flip(held_lse, dims=[2])
     held = seen
@@ -139,7 +139,7 @@ def main() -> None:
     runs = {
         "xformers": xformers_chunk,
         "flex_ours": flex_ours,
-        "split_flash": lambda *a: split_chunk(*a, backend="flash"),  # two causal calls, merged
+        "split_flash": split_chunk,  # two causal flash calls, merged
         "flex": flex_runner(window),
     }
     results, reference = {}, None

@@ -18,8 +18,8 @@ a Triton kernel of ours rather than cuBLAS (`_narrow_products`). The cache's ``u
 the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up. With
 ``compile_prefill=True`` prefill on one GPU runs the layers compiled too, for any number of tokens (dynamic shapes,
-compiled at the first prefill), its attention by FlexAttention (`_flex`): the elementwise work fused, and only the
-window's tiles attended.
+compiled at the first prefill), its attention by FlexAttention (`_flex`) over a block mask built from each
+query's key range, and its elementwise work fused.
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
