@@ -45,6 +45,7 @@ from transformers import (
 
 import hf_rolling_cache
 from hf_rolling_cache import RollingSlidingWindowCache, _all_reduce, _kernels
+from hf_rolling_cache._cudnn import _cudnn
 from hf_rolling_cache.tools.memory import cache_bytes
 from hf_rolling_cache.tools.models import tiny_mistral_config
 
@@ -68,8 +69,10 @@ PATHS = {
     "rolling_graphs": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled_fp8": ("rolling_xformers", rolling_cache_fp8, "window"),
-    # compiled, prefill too (use_cuda_graphs(compile_prefill=True): compiled layers, FlexAttention)
+    # compiled, prefill too (use_cuda_graphs(compile_prefill=True): compiled layers, attention by cuDNN where
+    # cudnn-frontend is installed, else FlexAttention); _flex: by FlexAttention either way (cuDNN's baseline)
     "rolling_graphs_compiled_prefill": ("rolling_xformers", rolling_cache, "window"),
+    "rolling_graphs_compiled_prefill_flex": ("rolling_xformers", rolling_cache, "window"),
     # compiled, but each q/k/v and gate/up product separate (as before `_fused`): the fusion's baseline
     "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
     # compiled, decode attention by SDPA after a separate ring write (as before `_ring_decode`): the kernels' baseline
@@ -190,7 +193,9 @@ class StepClock(StoppingCriteria):
 def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | None = None):
     implementation, make_cache, chunk = PATHS[path]
     model.set_attn_implementation(implementation)
-    if path.endswith("_prefill") and getattr(model, "_bench_path", None) == path:
+    compile_prefill = "_compiled_prefill" in path
+    _cudnn.enabled = not path.endswith("_prefill_flex")
+    if compile_prefill and getattr(model, "_bench_path", None) == path:
         pass  # on as before: a user's process turns it on once (again would compile the prefill again)
     elif path.startswith("rolling_graphs") and device.startswith("cuda"):
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
@@ -203,7 +208,7 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
                 built.enter_context(mock.patch("hf_rolling_cache._fused.shard_of", lambda module: None))
             if path.endswith("_inductorpdl"):
                 built.enter_context(mock.patch("hf_rolling_cache._compiled.INDUCTOR_DEPENDENT_LAUNCH", True))
-            hf_rolling_cache.use_cuda_graphs(model, compile=compile, compile_prefill=path.endswith("_prefill"))
+            hf_rolling_cache.use_cuda_graphs(model, compile=compile, compile_prefill=compile_prefill)
         model._bench_path = path
     else:
         hf_rolling_cache.release_cuda_graphs(model)
@@ -250,7 +255,7 @@ def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandw
             _, warm_cache = run_generate(model, path, input_ids[:, :64], 3, device)
             result.warmup_s = warm_cache.decode_graph_warmup_s
             del warm_cache  # its rings and captured graph
-        if path.endswith("_prefill"):  # its compilations for a first, a later and a last, shorter chunk: not counted
+        if "_compiled_prefill" in path:  # its compilations for a first, a later and a last, shorter chunk: not counted
             run_generate(model, path, input_ids[:, : 2 * model.config.sliding_window + 1], 1, device)
         gc.collect()  # drop the last measurement's caches (and any captured graph) before reading the peak
         if device.startswith("cuda"):

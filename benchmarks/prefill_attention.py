@@ -5,20 +5,23 @@
 Mistral-7B's heads (32 query, 8 key/value, d=128), bf16, one sequence, chunks of the window: the first chunk
 attends causally to itself, each later one to the W tokens held before it and itself (the seed's "later chunks
 over the un-rotated cache"), each query to the window ending at itself. Every kernel's output is compared with
-xFormers' (the eager prefill's); times are per layer for the whole prompt (host work included: `flex_ours` builds
-its plan and block mask at every call, as a forward does once for its 32 layers), and the rate is on the visible
-(in-window, causal) scores. `flex_ours` is the compiled prefill's (`_flex`); `flex` uses PyTorch's
+xFormers' (the eager prefill's); times are per layer for the whole prompt (each call's host work included, but not
+the plan's, nor what it puts on the device: a model does that once a forward for its 32 layers), and the rate is on the visible
+(in-window, causal) scores. `cudnn_ours` is the compiled prefill's where cudnn-frontend is installed (`_cudnn`),
+`flex_ours` where it is not (`_flex`); `flex` uses PyTorch's
 ``create_block_mask`` with static shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 import torch
 
+from hf_rolling_cache._cudnn import cudnn_packed
 from hf_rolling_cache._flex import flex_packed
 from hf_rolling_cache._kernels import _grouped_xformers
 from hf_rolling_cache._plan import build_plan
@@ -33,8 +36,15 @@ def visible_scores(prompt: int, window: int) -> int:
     return sum(min(p + 1, window) for p in range(prompt))
 
 
+@functools.cache
+def plan_of(start: int, length: int, window: int):
+    """One plan per chunk, shared by every kernel and repeat: a model builds it once a forward for its 32 layers,
+    with what it puts on the device (indices, block mask, offsets)."""
+    return build_plan(window=window, q_length=length, q_seqlens=(length,), seen=(start,))
+
+
 def xformers_chunk(q, k, v, start, held, window, scale):
-    plan = build_plan(window=window, q_length=q.shape[0], q_seqlens=(q.shape[0],), seen=(start,))
+    plan = plan_of(start, q.shape[0], window)
     return _grouped_xformers(q, k, v, plan, scale)
 
 
@@ -79,9 +89,19 @@ def split_chunk(q, k, v, start, held, window, scale):
     return out.to(q.dtype)[0].transpose(0, 1)
 
 
+def cudnn_ours(q, k, v, start, held, window, scale):
+    """The compiled prefill's attention where cudnn-frontend is installed: cuDNN's band over ragged sequences
+    (`_cudnn`)."""
+    plan = plan_of(start, q.shape[0], window)
+    out = cudnn_packed(q, k, v, plan, scale)
+    if out is None:
+        raise RuntimeError("cuDNN refused these inputs (see the warning)")
+    return out
+
+
 def flex_ours(q, k, v, start, held, window, scale):
     """The shipped compiled prefill's attention: FlexAttention over the plan's key ranges (`_flex`)."""
-    plan = build_plan(window=window, q_length=q.shape[0], q_seqlens=(q.shape[0],), seen=(start,))
+    plan = plan_of(start, q.shape[0], window)
     return flex_packed(q, k, v, plan, scale)
 
 
@@ -139,6 +159,7 @@ def main() -> None:
     runs = {
         "xformers": xformers_chunk,
         "flex_ours": flex_ours,
+        "cudnn_ours": cudnn_ours,
         "split_flash": split_chunk,  # two causal flash calls, merged
         "flex": flex_runner(window),
     }

@@ -4,7 +4,8 @@
 
 The prompt goes through the model chunk by chunk (``prefill_chunk_size``, default the window), as ``generate`` does
 with the rolling cache, timed end to end and then once under torch.profiler; ``compiled``: the compiled prefill
-of ``use_cuda_graphs(model, compile=True, compile_prefill=True)`` (its warm-up reported, not counted). Kernel classes: weight products
+of ``use_cuda_graphs(model, compile=True, compile_prefill=True)`` (its warm-up reported, not counted), attending by
+cuDNN where cudnn-frontend is installed; ``compiled_flex``: the same by FlexAttention. Kernel classes: weight products
 (cuBLAS/cutlass GEMMs), attention (xFormers/flash), copies and index writes (packing, the ring write, the history
 gather), and everything else (norms, rotary, activations, adds). Each class against its floor at the matrix rate and
 bandwidth this GPU shows on a large bf16 product and a large copy.
@@ -24,10 +25,13 @@ from benchmarks.profile_decode import kernel_class as decode_kernel_class
 from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
+from hf_rolling_cache._cudnn import _cudnn
 
 CLASSES = (  # (class, substrings of kernel names), first match wins: prefill's own split (copies and index writes)
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
     ("weight products", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas", "sm90_xmma")),
+    # inductor's fused kernels (an RMSNorm's is named "..._to_copy_add_mean..."): not copies
+    ("norms, rotary, activations, adds", ("triton_red_fused", "triton_per_fused")),
     ("copies and index writes", ("index", "copy", "memcpy", "memset", "cat", "scatter", "gather")),
 )
 
@@ -63,7 +67,7 @@ def prefill(model, ids: torch.Tensor, chunk: int, layers=None) -> torch.Tensor:
     return out.logits[:, -1].float()
 
 
-def profile(model, prompt: int, chunk: int, top: int, layers=None) -> dict:
+def profile(model, prompt: int, chunk: int, top: int, layers=None, form: str = "eager") -> dict:
     torch.manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device="cuda")
     began = time.perf_counter()
@@ -96,7 +100,6 @@ def profile(model, prompt: int, chunk: int, top: int, layers=None) -> dict:
     visible = sum(min(p + 1, window) for p in range(0, prompt, 64)) * 64
     attention_flops = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * visible
     rate = matrix_rate()
-    form = "compiled" if layers is not None else "eager"
     print(f"{form}: warm-up {warm_up_s:.1f} s; prompt {prompt}, chunk {chunk}: first token {seconds:.3f} s, {peak_gib:.3f} GiB above the weights; "
           f"kernels {kernels_s:.3f} s, gaps {seconds - kernels_s:.3f} s; bf16 product rate {rate / 1e12:.0f} TFLOP/s",
           flush=True)
@@ -118,16 +121,19 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32768)
     parser.add_argument("--chunk", type=int, nargs="+", default=[4096])
     parser.add_argument("--top", type=int, default=14)
-    parser.add_argument("--forms", nargs="+", choices=("eager", "compiled"), default=["eager"],
-                        help="compiled: the prefill of use_cuda_graphs(compile=True) (compiled layers, FlexAttention)")
+    parser.add_argument("--forms", nargs="+", choices=("eager", "compiled", "compiled_flex"), default=["eager"],
+                        help="compiled: the prefill of use_cuda_graphs(compile=True, compile_prefill=True) (compiled "
+                        "layers; attention by cuDNN where cudnn-frontend is installed, else FlexAttention); "
+                        "compiled_flex: the same by FlexAttention")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model = build_model(False, "cuda")
     model.set_attn_implementation("rolling_xformers")
     rows = []
     for form in args.forms:
-        layers = CompiledLayers(model) if form == "compiled" else None
-        rows += [profile(model, args.prompt, chunk, args.top, layers) for chunk in args.chunk]
+        layers = CompiledLayers(model) if form.startswith("compiled") else None
+        _cudnn.enabled = form != "compiled_flex"
+        rows += [profile(model, args.prompt, chunk, args.top, layers, form) for chunk in args.chunk]
     eager = next((row["logits"] for row in rows if row["form"] == "eager"), None)
     for row in rows:
         logits = row.pop("logits")

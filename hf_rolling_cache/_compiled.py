@@ -12,7 +12,7 @@ import types
 import torch
 
 from . import _ring_decode
-from ._flex import distinct_sizes, prefill_kernel
+from ._compiled_prefill import distinct_sizes, prefill_kernel
 from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
 from ._tp_products import agreed, local, shard_of
 from ._tp_products import swapped_in as sharded_products
@@ -86,7 +86,7 @@ class CompiledLayers:
     def prefill_swapped_in(self):
         """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
-        the attention FlexAttention's (`_flex`)."""
+        the attention cuDNN's or FlexAttention's (`_compiled_prefill`)."""
         if self._prefill is None:
             self._prefill = [
                 _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options()))

@@ -9,18 +9,18 @@ and its 128 x 128 tiles are full, partial or skipped from those alone: `block_ma
 model takes 0.22 s this way against 0.27 s by xFormers' flash operator (measured, `benchmarks.prefill_attention`).
 
 FlexAttention is compiled once per process (seconds), so it serves only the compiled prefill, which has asked for
-a warm-up; everywhere else prefill stays with xFormers, as it does in fp32 (the dtype of the exactness tests, which
+a warm-up, and there only where cuDNN's fused attention does not (`_cudnn`: cudnn-frontend not installed, or
+refused); everywhere else prefill stays with xFormers, as it does in fp32 (the dtype of the exactness tests, which
 keep checking the kernels they always checked) and for chunks under 128 tokens (`applies`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 
+from ._compiled_prefill import inside
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -29,13 +29,12 @@ BLOCK = 128  # FlexAttention's tile of queries and keys
 
 
 class _FlexPrefill:
-    """Whether prefill chunks go to FlexAttention: inside `prefill_kernel` only, on CUDA, in bf16 or fp16, unless
-    switched off (`exact_kernels`) or found unable to run for these inputs here (warned once; xFormers for them
-    from then on)."""
+    """Whether prefill chunks go to FlexAttention: in the compiled prefill only (`_compiled_prefill.inside`),
+    unless switched off (`exact_kernels`) or found unable to run for these inputs here (warned once; xFormers for
+    them from then on)."""
 
     def __init__(self) -> None:
         self.enabled = True
-        self.active = 0  # nesting depth of `prefill_kernel`
         self.refused: set[tuple] = set()  # (dtype, head size, device) FlexAttention failed on
         self._compiled = None
 
@@ -52,26 +51,12 @@ class _FlexPrefill:
 _flex = _FlexPrefill()
 
 
-@contextlib.contextmanager
-def prefill_kernel() -> Iterator[None]:
-    """Prefill attention by FlexAttention inside the block (the compiled prefill)."""
-    _flex.active += 1
-    try:
-        yield
-    finally:
-        _flex.active -= 1
-
-
-DTYPES = (torch.bfloat16, torch.float16)  # float32 prefill stays with xFormers (module docstring)
-
-
 def applies(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | None) -> bool:
     """Inside the compiled prefill, for inference only (`flex_packed` hands detached tensors to the kernel), for a
     chunk of at least one tile of queries: a shorter one gains nothing, and compiled first (with PyTorch 2.11 on an
     H100) FlexAttention found no kernel configuration for it, and would have been refused from then on."""
     return (
-        bool(_flex.active) and _flex.enabled and query.is_cuda and query.dtype in DTYPES and softcap is None
-        and sinks is None and not query.requires_grad and query.shape[0] >= BLOCK
+        inside(query, softcap, sinks) and _flex.enabled and query.shape[0] >= BLOCK
         and _inputs(query) not in _flex.refused
     )
 
@@ -148,15 +133,6 @@ def _block_list(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = tiles.sum(1, dtype=torch.int32)
     order = torch.argsort((~tiles).to(torch.int8), dim=1, stable=True).to(torch.int32)
     return counts[None, None], order[None, None]
-
-
-def distinct_sizes():
-    """Compile with a symbol of its own for every dynamic size. By default sizes that are equal at the first call
-    share one (a first chunk has as many keys as queries; 4096 tokens, as many as a 7B model's hidden size), and
-    the first call where they differ compiles again."""
-    import torch.fx.experimental._config as shapes
-
-    return shapes.patch(use_duck_shape=False)
 
 
 def _mask_tensors(mask, bounds) -> list[tuple[torch.Tensor, tuple[int, ...]]]:

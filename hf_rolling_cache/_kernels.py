@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ._cudnn import _cudnn
 from ._flex import _flex
 from ._plan import StepPlan
 
@@ -142,10 +143,10 @@ def narrow_product_kernel(enabled: bool) -> contextlib.AbstractContextManager[No
 
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
-    """Prefill by the exact dense kernel even on CUDA (neither xFormers nor FlexAttention), decode by a separate
+    """Prefill by the exact dense kernel even on CUDA (not xFormers, cuDNN or FlexAttention), decode by a separate
     write and SDPA, products by cuBLAS, 8-bit rings dequantized (to compare the paths). A decode step captured
     earlier (`use_cuda_graphs`) replays the kernels it was captured with: release the graphs first to compare."""
-    switches = (_xformers, _fp8_decode, _ring_decode, _narrow_products, _flex)
+    switches = (_xformers, _fp8_decode, _ring_decode, _narrow_products, _flex, _cudnn)
     previous = [switch.enabled for switch in switches]
     for switch in switches:
         switch.enabled = False

@@ -15,6 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
+from ._cudnn import applies as cudnn_applies
+from ._cudnn import cudnn_packed
 from ._flex import applies as flex_applies
 from ._flex import flex_packed
 from ._fp8 import Fp8KVLayer
@@ -239,8 +241,10 @@ def _attend(query, attention_mask, cache, layer, layer_idx, new_keys, new_values
         keys, values = layer.history_with(packed_keys, packed_values, plan, indices)
     else:  # first chunk: nothing held yet
         keys, values = packed_keys, packed_values
-    out = None
-    if flex_applies(packed_query, extras.softcap, extras.sinks):  # the compiled prefill (`_flex`)
+    out = None  # the compiled prefill's kernels first (`_compiled_prefill`), where they run
+    if cudnn_applies(packed_query, extras.softcap, extras.sinks):
+        out = cudnn_packed(packed_query, keys, values, plan, scaling)
+    if out is None and flex_applies(packed_query, extras.softcap, extras.sinks):
         out = flex_packed(packed_query, keys, values, plan, scaling)
     if out is None:
         out = attend_packed(packed_query, keys, values, plan, scaling, extras.softcap, extras.sinks)

@@ -18,8 +18,8 @@ a Triton kernel of ours rather than cuBLAS (`_narrow_products`). The cache's ``u
 the attention function stay eager (they are ``torch.compiler.disable``d, so each is a graph break) and are captured
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up. With
 ``compile_prefill=True`` prefill on one GPU runs the layers compiled too, for any number of tokens (dynamic shapes,
-compiled at the first prefill), its attention by FlexAttention (`_flex`) over a block mask built from each
-query's key range, and its elementwise work fused.
+compiled at the first prefill), its elementwise work fused, its attention by cuDNN's fused kernel where NVIDIA's
+cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`).
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
@@ -67,11 +67,12 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
             takes a one-off warm-up (seconds for a 7B model; see ``cache.decode_graph_warmup_s``), and later steps
             are faster.
         compile_prefill: with ``compile``, prefill forwards on one GPU (inference, without gradients) run the
-            compiled layers as well (their elementwise work fused; their token dimension dynamic) and attend with
-            FlexAttention (`_flex`, bf16/fp16): a 32k-token prompt's first token about 18% sooner on an H100, for
-            a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds PyTorch's
-            compile caches), again at the first prompt of several 128-token tiles or chunks if the first had one,
-            and at each new batch size. Worth it for long prompts, or many.
+            compiled layers as well (their elementwise work fused; their token dimension dynamic) and attend, in
+            bf16/fp16, with cuDNN's fused attention where NVIDIA's cudnn-frontend is installed (`_cudnn`: a 32k-token
+            prompt's first token about 28% sooner on an H100), else with FlexAttention (`_flex`: about 22%
+            sooner), for a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds
+            PyTorch's compile caches), again at the first prompt of several 128-token tiles or chunks if the first
+            had one, and at each new batch size. Worth it for long prompts, or many.
     """
     if compile_prefill and not compile:
         raise ValueError("use_cuda_graphs(compile_prefill=True) compiles the decoder layers: pass compile=True too.")

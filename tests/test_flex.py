@@ -1,6 +1,6 @@
 """FlexAttention for the compiled prefill (`hf_rolling_cache._flex`): each query's key range against the plan's
 xFormers mask, the tiles it visits, its output against the exact kernel, and the compiled prefill of a whole
-model against Transformers."""
+model against Transformers (on a GPU, by cuDNN too, `_cudnn`)."""
 
 import random
 import warnings
@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from hf_rolling_cache import _flex
+from hf_rolling_cache import _cudnn, _flex
+from hf_rolling_cache._compiled_prefill import active, prefill_kernel
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._kernels import dense_attention, exact_kernels
 from hf_rolling_cache._plan import build_plan
@@ -106,7 +107,7 @@ def test_a_flex_attention_that_fails_warns_once_and_leaves_prefill_to_the_other_
     with caplog.at_level("WARNING", logger="hf_rolling_cache._flex"):
         assert _flex.flex_packed(query, keys, values, plan, 0.3) is None
     assert "FlexAttention cannot run the prefill here" in caplog.text
-    with _flex.prefill_kernel():
+    with prefill_kernel():
         refused = OnCuda(dtype=query.dtype, shape=query.shape, device=query.device)
         assert not _flex.applies(refused, None, None)  # these inputs (as if on a GPU): refused from now on
         assert _flex.applies(OnCuda(dtype=torch.float16, shape=query.shape, device=query.device), None, None)
@@ -125,7 +126,7 @@ def test_flex_applies_inside_the_compiled_prefill_only_on_cuda_in_half_precision
     query = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
     on_cuda = OnCuda()
     assert not _flex.applies(on_cuda, None, None)  # outside the compiled prefill
-    with _flex.prefill_kernel():
+    with prefill_kernel():
         assert not _flex.applies(query, None, None)  # (CPU)
         assert _flex.applies(on_cuda, None, None) and _flex.applies(OnCuda(dtype=torch.float16), None, None)
         assert not _flex.applies(OnCuda(dtype=torch.float32), None, None)
@@ -187,7 +188,7 @@ def flex_on_cpu(monkeypatch):
         return flex_packed(*args)
 
     monkeypatch.setattr("hf_rolling_cache.attention.flex_applies",
-                        lambda query, softcap, sinks: bool(_flex._flex.active) and softcap is None and sinks is None
+                        lambda query, softcap, sinks: active() and softcap is None and sinks is None
                         and not _flex._flex.refused)
     monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", counted)
     return calls
@@ -258,18 +259,23 @@ PROMPTS = [300, 2, 190, 257]  # ragged, several 128-token tiles, longer than the
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk", [None, 128])
-def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdpa(chunk, monkeypatch):
+@pytest.mark.parametrize("kernel, chunk", [("flex", None), ("flex", 128), ("cudnn", None), ("cudnn", 64)])
+def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdpa(kernel, chunk, monkeypatch):
     """``use_cuda_graphs(compile=True, compile_prefill=True)`` on CUDA: every prefill forward (a ragged, left-padded
-    batch, whole or in chunks) runs the compiled layers and FlexAttention (counted); the logits of the prompt and
-    of later steps err against Transformers' fp32 eager path as little as Transformers' own bf16 sdpa path does.
-    Chunks of at least 128 tokens each (FlexAttention's tile)."""
+    batch, whole or in chunks) runs the compiled layers and the kernel under test (counted: FlexAttention, in
+    chunks of at least its 128-token tile; cuDNN, where cudnn-frontend is installed, in short chunks too); the
+    logits of the prompt and of later steps err against Transformers' fp32 eager path as little as Transformers'
+    own bf16 sdpa path does."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
     from tests.test_gpu import gpu_model, references, rolling_cache, teacher_forced
 
+    module, switch = {"flex": (_flex, _flex._flex), "cudnn": (_cudnn, _cudnn._cudnn)}[kernel]
+    if kernel == "cudnn" and not _cudnn._cudnn.module():
+        pytest.skip("cudnn-frontend is not installed")
     calls = []
-    flex_packed = _flex.flex_packed
-    monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", lambda *a: calls.append(1) or flex_packed(*a))
+    packed = getattr(module, f"{kernel}_packed")
+    monkeypatch.setattr(f"hf_rolling_cache.attention.{kernel}_packed", lambda *a: calls.append(1) or packed(*a))
+    monkeypatch.setattr(_cudnn._cudnn, "enabled", kernel == "cudnn")  # (cuDNN comes first where installed)
     continuation = torch.randint(1, 1000, (len(PROMPTS), 20), generator=torch.Generator().manual_seed(5))
     model = gpu_model(torch.bfloat16, window=128, layers=2)
     model.set_attn_implementation("rolling_xformers")
@@ -280,7 +286,7 @@ def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdp
         release_cuda_graphs(model)
     width = max(PROMPTS)
     assert len(calls) == model.config.num_hidden_layers * -(-width // (chunk or width))
-    assert not _flex._flex.refused
+    assert not switch.refused
     sdpa, truth = references(model, chunk, continuation, PROMPTS)
     scale = truth.abs().max().item()
     error, sdpa_error = (ours - truth).abs().max().item(), (sdpa - truth).abs().max().item()
