@@ -36,6 +36,13 @@ def write_tokens(
     flat_values.index_copy_(0, slots, values)
 
 
+def _copy_runs(runs, sources, destinations) -> None:
+    """``destination[d:d + n] = source[s:s + n]`` for each run ``(s, d, n)``, each source into its destination."""
+    for source, destination in zip(sources, destinations):
+        for start, dest, rows in runs:
+            destination[dest:dest + rows].copy_(source[start:start + rows])
+
+
 class KVLayer(CacheLayerMixin):
     """One decoder layer's keys and values, stored as ``slot_keys``/``slot_values`` ``[B, capacity, H_kv, D]``
     (one token per slot, so a slot's write is one contiguous row).
@@ -140,6 +147,9 @@ class KVLayer(CacheLayerMixin):
     def write(self, keys: torch.Tensor, values: torch.Tensor, indices: PlanIndices) -> None:
         """Write packed new tokens ``[T, H_kv, D]`` into their slots, in place: one slot per kept token."""
         flat_keys, flat_values = self.flat()
+        if indices.write_runs is not None:  # a few stretches (one sequence): slice copies
+            _copy_runs(indices.write_runs, (keys, values), (flat_keys, flat_values))
+            return
         flat_keys.index_copy_(0, indices.write_slot, keys.index_select(0, indices.write_source))
         flat_values.index_copy_(0, indices.write_slot, values.index_select(0, indices.write_source))
 
@@ -148,13 +158,20 @@ class KVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed keys and values of a later chunk: per sequence, its held tokens oldest first (a ring unrotated),
         then the chunk's."""
-        out = []
-        for held, new in zip(self._gathered(indices.gather_slot, keys.dtype), (keys, values)):
-            packed = new.new_empty(plan.num_keys, *new.shape[1:])
-            packed.index_copy_(0, indices.gather_dest, held)
-            packed.index_copy_(0, indices.new_dest, new)
-            out.append(packed)
+        out = [new.new_empty(plan.num_keys, *new.shape[1:]) for new in (keys, values)]
+        if indices.new_runs is not None:
+            _copy_runs(indices.new_runs, (keys, values), out)
+        else:
+            for packed, new in zip(out, (keys, values)):
+                packed.index_copy_(0, indices.new_dest, new)
+        if indices.held_runs is not None and self.stores_model_dtype:  # straight from the storage's slices
+            _copy_runs(indices.held_runs, self.flat(), out)
+        else:
+            for packed, held in zip(out, self._gathered(indices.gather_slot, keys.dtype)):
+                packed.index_copy_(0, indices.gather_dest, held)
         return out[0], out[1]
+
+    stores_model_dtype = True  # the storage holds keys and values as the attention reads them (not codes)
 
     def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of flat storage rows ``rows``, as the attention reads them (``dtype``: the model's,

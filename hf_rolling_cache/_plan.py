@@ -56,6 +56,26 @@ class PlanIndices(NamedTuple):
     gather_slot: torch.Tensor | None  # subsequent prefill: storage rows of the cached tokens, oldest first
     gather_dest: torch.Tensor | None  # ... and their rows in the packed keys
     new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
+    # The same moves as a few contiguous stretches, (source row, destination row, rows), where there are at most
+    # `MAX_RUNS` (one sequence: a ring's wrap makes two): plain slice copies instead of index kernels. None: more.
+    write_runs: tuple[tuple[int, int, int], ...] | None = None  # write_source -> write_slot
+    held_runs: tuple[tuple[int, int, int], ...] | None = None  # gather_slot -> gather_dest
+    new_runs: tuple[tuple[int, int, int], ...] | None = None  # the chunk's packed rows in order -> new_dest
+
+
+MAX_RUNS = 4
+
+
+def contiguous_runs(sources: torch.Tensor, destinations: torch.Tensor) -> tuple[tuple[int, int, int], ...] | None:
+    """``(source, destination, length)`` of each stretch where both host index tensors step by one, or None where
+    there are more than `MAX_RUNS`."""
+    if sources.numel() == 0:
+        return ()
+    breaks = ((sources.diff() != 1) | (destinations.diff() != 1)).nonzero().flatten() + 1
+    if breaks.numel() >= MAX_RUNS:
+        return None
+    edges = [0, *breaks.tolist(), sources.numel()]
+    return tuple((int(sources[a]), int(destinations[a]), b - a) for a, b in zip(edges, edges[1:]))
 
 
 def _window_slots(newest: torch.Tensor, kv_seqlens: torch.Tensor, window: int | None, slots: int) -> torch.Tensor:
@@ -116,18 +136,24 @@ class StepPlan:
         """The index tensors on ``device``, copied there once (one host-to-device transfer)."""
         key = ("indices", device)
         if key not in self._per_device:
-            names = PlanIndices._fields
+            names = [name for name in PlanIndices._fields if not name.endswith("_runs")]
             lists = [self._host_indices[name] for name in names]
-            flat = torch.tensor([i for values in lists if values is not None for i in values], dtype=torch.long)
-            flat = flat.to(device, non_blocking=True)
-            parts, start = [], 0
-            for values in lists:
+            host = torch.tensor([i for values in lists if values is not None for i in values], dtype=torch.long)
+            flat = host.to(device, non_blocking=True)
+            parts, on_host, start = {}, {}, 0
+            for name, values in zip(names, lists):
                 if values is None:
-                    parts.append(None)
+                    parts[name] = on_host[name] = None
                 else:
-                    parts.append(flat[start : start + len(values)])
+                    parts[name] = flat[start : start + len(values)]
+                    on_host[name] = host[start : start + len(values)]
                     start += len(values)
-            self._per_device[key] = PlanIndices(*parts)
+            runs = {"write_runs": contiguous_runs(on_host["write_source"], on_host["write_slot"])}
+            if on_host["gather_slot"] is not None:
+                runs["held_runs"] = contiguous_runs(on_host["gather_slot"], on_host["gather_dest"])
+                chunk_rows = torch.arange(on_host["new_dest"].numel())
+                runs["new_runs"] = contiguous_runs(chunk_rows, on_host["new_dest"])
+            self._per_device[key] = PlanIndices(**parts, **runs)
         return self._per_device[key]
 
     def mask(self, device: torch.device | str = "cpu") -> _masks.AttentionBias:

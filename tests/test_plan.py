@@ -170,3 +170,50 @@ def test_device_decode_key_lengths_count_the_slots_the_key_mask_opens(window):
         assert mask.k_seqinfo.seqlen is got  # the device tensor itself, read by the kernel at every replay
         assert mask.k_seqinfo.max_seqlen == capacity and mask.k_seqinfo.padding == capacity
         assert torch.equal(mask.q_seqinfo.seqstart, template.q_seqinfo.seqstart)
+
+
+def moved_by_index(sources, destinations, rows):
+    out = torch.full((rows,), -1, dtype=torch.long)
+    out[destinations] = sources
+    return out
+
+
+def moved_by_runs(runs, rows):
+    out = torch.full((rows,), -1, dtype=torch.long)
+    for source, destination, length in runs:
+        out[destination:destination + length] = torch.arange(source, source + length)
+    return out
+
+
+RUN_PLANS = [  # one sequence (a ring's wrap: two stretches), several, a long chunk that overwrites, a global layer
+    dict(window=5, q_length=4, q_seqlens=[4], seen=[7]),
+    dict(window=5, q_length=5, q_seqlens=[5], seen=[10]),
+    dict(window=4, q_length=9, q_seqlens=[9], seen=[6]),
+    dict(window=3, q_length=2, q_seqlens=[2, 0, 1], seen=[2, 1, 2]),
+    dict(window=6, q_length=3, q_seqlens=[3, 3, 2, 3], seen=[4, 9, 1, 13]),
+    dict(window=None, q_length=3, q_seqlens=[3, 2], seen=[5, 4], capacity=12),
+]
+
+
+@pytest.mark.parametrize("options", RUN_PLANS)
+def test_contiguous_runs_move_exactly_what_the_index_lists_move(options):
+    """The slice copies of a plan (a ring write, the held tokens and the chunk's into the packed keys) put every
+    row where the index kernels put it; where there are more stretches than `MAX_RUNS`, there are none."""
+    from hf_rolling_cache._plan import MAX_RUNS
+
+    plan = build_plan(**options)
+    indices = plan.indices(torch.device("cpu"))
+    capacity_rows = plan.batch_size * plan.capacity
+    moves = [(indices.write_runs, indices.write_source, indices.write_slot, capacity_rows)]
+    if plan.phase is Phase.SUBSEQUENT_PREFILL:
+        moves += [(indices.held_runs, indices.gather_slot, indices.gather_dest, plan.num_keys),
+                  (indices.new_runs, torch.arange(plan.num_queries), indices.new_dest, plan.num_keys)]
+    for runs, sources, destinations, rows in moves:
+        stretches = 1 + int(((sources.diff() != 1) | (destinations.diff() != 1)).sum()) if len(sources) else 0
+        if stretches > MAX_RUNS:
+            assert runs is None
+        else:
+            assert runs is not None and len(runs) == stretches
+            assert torch.equal(moved_by_runs(runs, rows), moved_by_index(sources, destinations, rows))
+    if plan.batch_size == 1:
+        assert indices.write_runs is not None and len(indices.write_runs) <= 2
