@@ -6,9 +6,12 @@ dynamic sizes get a symbol each (`distinct_sizes`). Everywhere else prefill stay
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DTYPES = (torch.bfloat16, torch.float16)  # float32 prefill stays with xFormers: the exactness tests' kernels
 
@@ -37,6 +40,37 @@ def inside(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | Non
         active() and query.is_cuda and query.dtype in DTYPES and not query.requires_grad
         and softcap is None and sinks is None
     )
+
+
+class KernelSwitch:
+    """One of the compiled prefill's kernels: on, unless switched off (`exact_kernels`) or refused for some inputs
+    (it failed on them here: warned once, and the next kernel runs them from then on)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.enabled = True
+        self.refused: set[tuple] = set()  # `inputs` the kernel failed on
+
+    def takes(self, query: torch.Tensor) -> bool:
+        return self.enabled and inputs(query) not in self.refused
+
+    def run(self, query: torch.Tensor, attend: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``attend()``, or None where it fails on these inputs (refused from now on, with a warning). Running out
+        of memory is no refusal of the inputs: it is raised, the caller's to handle as with any kernel."""
+        try:
+            return attend()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure to build or run: the next kernel for such inputs
+            self.refused.add(inputs(query))
+            logger.warning("%s cannot run the prefill here for %s queries of head size %d (%s: %s); using the next "
+                           "kernel for them.", self.name, query.dtype, query.shape[-1], type(error).__name__, error)
+            return None
+
+
+def inputs(query: torch.Tensor) -> tuple:
+    """What a refusal is for: the query's dtype, head size and device."""
+    return query.dtype, query.shape[-1], query.device
 
 
 def distinct_sizes():

@@ -9,7 +9,8 @@ SDPA takes exactly that: a diagonal aligned at each sequence's bottom right, a r
 attention over a 32k-token prompt in chunks of the window (32/8 heads, d=128, bf16) takes 3.7 ms this way, 6.1 ms by
 FlexAttention and 7.5 ms by xFormers' flash operator (`benchmarks.prefill_attention`).
 
-A graph is built per (batch size, bucketed longest query and key runs, heads, head sizes, window, dtype, device):
+A graph is built per (batch size, bucketed longest query and key runs, heads, head sizes, window, scale, dtype,
+device):
 0.04 s each, about 1 s for the first in a process. So it serves only the compiled prefill, which has asked for a
 warm-up. Without cudnn-frontend, or where it fails for some inputs (warned once), prefill goes on as before.
 """
@@ -22,20 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ._compiled_prefill import inside
+from ._compiled_prefill import KernelSwitch, inside
 from ._plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
 
-class _CudnnPrefill:
-    """Whether prefill chunks go to cuDNN: in the compiled prefill only, where cudnn-frontend imports, unless
-    switched off (`exact_kernels`) or found unable to run for these inputs here."""
+class _CudnnPrefill(KernelSwitch):
+    """Whether prefill chunks go to cuDNN: in the compiled prefill only, where cudnn-frontend imports, unless switched
+    off or refused (`KernelSwitch`)."""
 
     def __init__(self) -> None:
-        self.enabled = True
-        self.refused: set[tuple] = set()  # `_inputs` cuDNN failed on
-        self._module = None  # the cudnn module; False: not installed
+        super().__init__("cuDNN")
+        self._module = None  # the cudnn module; False: not installed, or it would not load
         self._handles: dict[int, object] = {}  # device index -> cuDNN handle
         self._graphs: dict[_Shape, _Graph] = {}
 
@@ -45,10 +45,15 @@ class _CudnnPrefill:
             # (PyTorch's, and another that an extension built for an older CUDA needs): take PyTorch's, whose
             # streams it runs on.
             if torch.version.cuda:
-                os.environ.setdefault("CUDNN_FRONTEND_CUDART_LIB_NAME", f"libcudart.so.{torch.version.cuda.split('.')[0]}")
+                runtime = f"libcudart.so.{torch.version.cuda.split('.')[0]}"
+                os.environ.setdefault("CUDNN_FRONTEND_CUDART_LIB_NAME", runtime)
             try:
                 import cudnn
             except ImportError:
+                cudnn = False
+            except Exception as error:  # noqa: BLE001 - installed, but its libraries would not load: as if absent
+                logger.warning("cudnn-frontend is installed but does not load here (%s: %s); the compiled prefill "
+                               "attends without it.", type(error).__name__, error)
                 cudnn = False
             self._module = cudnn
         return self._module
@@ -66,14 +71,7 @@ _cudnn = _CudnnPrefill()
 
 def applies(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | None) -> bool:
     """Inside the compiled prefill (`_compiled_prefill.inside`), where cudnn-frontend is installed."""
-    return (
-        inside(query, softcap, sinks) and _cudnn.enabled and _inputs(query) not in _cudnn.refused
-        and bool(_cudnn.module())
-    )
-
-
-def _inputs(query: torch.Tensor) -> tuple:
-    return query.dtype, query.shape[-1], query.device
+    return inside(query, softcap, sinks) and _cudnn.takes(query) and bool(_cudnn.module())
 
 
 @dataclass(frozen=True)
@@ -132,9 +130,10 @@ def band_mask(q_seqlens, kv_seqlens, window: int | None) -> torch.Tensor:
     return mask
 
 
-def ragged_offsets(plan: StepPlan, heads: int, kv_heads: int, head_dim: int, value_dim: int) -> torch.Tensor:
+def ragged_offsets(plan: StepPlan, heads: int, kv_heads: int, head_dim: int, value_dim: int) -> torch.Tensor | None:
     """``[6, B + 1]`` int32: the element offset where each sequence starts in the packed queries, keys, values and
-    output (``[T, H, D]`` back to back), then the query and key lengths (padded with a 0)."""
+    output (``[T, H, D]`` back to back), then the query and key lengths (padded with a 0); None where an offset
+    would not fit in int32."""
     q_seqlens = torch.tensor(plan.q_seqlens, dtype=torch.int64)
     kv_seqlens = torch.tensor(plan.kv_seqlens, dtype=torch.int64)
     q_starts = torch.nn.functional.pad(torch.cumsum(q_seqlens, 0), (1, 0))
@@ -143,46 +142,49 @@ def ragged_offsets(plan: StepPlan, heads: int, kv_heads: int, head_dim: int, val
             q_starts * heads * value_dim, torch.nn.functional.pad(q_seqlens, (0, 1)),
             torch.nn.functional.pad(kv_seqlens, (0, 1))]
     offsets = torch.stack(rows)
-    if int(offsets.max()) >= 2**31:
-        raise ValueError("cuDNN's ragged offsets are int32: this chunk has too many elements")
-    return offsets.to(torch.int32)
+    return offsets.to(torch.int32) if int(offsets.max()) < 2**31 else None
 
 
 def cudnn_packed(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan, scaling: float
 ) -> torch.Tensor | None:
-    """Packed prefill attention ``[T, H_q, D_v]`` by cuDNN, or None where it cannot run here."""
+    """Packed prefill attention ``[T, H_q, D_v]`` by cuDNN, or None where it cannot run here: keys and values
+    other than the query's dtype, device, head size and a divisor of its heads (cuDNN would read their memory as
+    the query's), or more elements than its int32 offsets count (this chunk only), or a failure (`KernelSwitch`)."""
     heads, head_dim = query.shape[1:]
     kv_heads, value_dim = values.shape[1:]
+    if (
+        not keys.dtype == values.dtype == query.dtype or not keys.device == values.device == query.device
+        or keys.shape[1:] != (kv_heads, head_dim) or keys.shape[0] != values.shape[0] or heads % kv_heads
+    ):
+        return None
+    key = ("cudnn_ragged", query.device, heads, kv_heads, head_dim, value_dim)
+    if key not in plan._per_device:  # (once per plan: every layer of the kind shares it)
+        offsets = ragged_offsets(plan, heads, kv_heads, head_dim, value_dim)
+        plan._per_device[key] = None if offsets is None else offsets.to(query.device, non_blocking=True)
+    offsets = plan._per_device[key]
+    if offsets is None:
+        return None
     shape = _Shape(query.device, query.dtype, plan.batch_size, bucket(max(plan.q_seqlens)),
                    bucket(max(plan.kv_seqlens)), heads, kv_heads, head_dim, value_dim, plan.window, float(scaling))
-    try:
-        graph = _graph(shape)
-        key = ("cudnn_ragged", query.device, heads, kv_heads, head_dim, value_dim)
-        if key not in plan._per_device:  # (once per plan: every layer of the kind shares it)
-            offsets = ragged_offsets(plan, heads, kv_heads, head_dim, value_dim)
-            plan._per_device[key] = offsets.to(query.device, non_blocking=True).view(6, -1, 1, 1, 1)
-        offsets = plan._per_device[key]
-        out = query.new_empty(query.shape[0], heads, value_dim)
-        tensors = graph.tensors
-        pack = {
-            tensors["q"]: query.detach().contiguous(), tensors["k"]: keys.detach().contiguous(),
-            tensors["v"]: values.detach().contiguous(), tensors["o"]: out,
-            tensors["q_offsets"]: offsets[0], tensors["k_offsets"]: offsets[1], tensors["v_offsets"]: offsets[2],
-            tensors["o_offsets"]: offsets[3], tensors["q_lengths"]: offsets[4, :-1],
-            tensors["kv_lengths"]: offsets[5, :-1],
-        }
-        workspace = torch.empty(graph.workspace, dtype=torch.uint8, device=query.device)
-        module, handle = _cudnn.module(), _cudnn.handle(query.device)
-        module.set_stream(handle=handle, stream=torch.cuda.current_stream(query.device).cuda_stream)
-        graph.graph.execute(pack, workspace, handle=handle)
-    except torch.OutOfMemoryError:
-        raise  # (not a refusal of these inputs: the caller's to handle, as with any kernel)
-    except Exception as error:  # noqa: BLE001 - any failure to build or run: the next kernel for such inputs
-        _cudnn.refused.add(_inputs(query))
-        logger.warning("cuDNN cannot run the prefill here for %s queries of head size %d (%s: %s); using the next "
-                       "kernel for them.", query.dtype, head_dim, type(error).__name__, error)
-        return None
+    return _cudnn.run(query, lambda: _attend(shape, query, keys, values, offsets.view(6, -1, 1, 1, 1)))
+
+
+def _attend(shape: _Shape, query, keys, values, offsets) -> torch.Tensor:
+    graph = _graph(shape)
+    out = query.new_empty(query.shape[0], shape.heads, shape.value_dim)
+    tensors = graph.tensors
+    pack = {
+        tensors["q"]: query.detach().contiguous(), tensors["k"]: keys.detach().contiguous(),
+        tensors["v"]: values.detach().contiguous(), tensors["o"]: out,
+        tensors["q_offsets"]: offsets[0], tensors["k_offsets"]: offsets[1], tensors["v_offsets"]: offsets[2],
+        tensors["o_offsets"]: offsets[3], tensors["q_lengths"]: offsets[4, :-1],
+        tensors["kv_lengths"]: offsets[5, :-1],
+    }
+    workspace = torch.empty(graph.workspace, dtype=torch.uint8, device=query.device)
+    module, handle = _cudnn.module(), _cudnn.handle(query.device)
+    module.set_stream(handle=handle, stream=torch.cuda.current_stream(query.device).cuda_stream)
+    graph.graph.execute(pack, workspace, handle=handle)
     return out
 
 

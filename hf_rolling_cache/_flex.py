@@ -16,26 +16,20 @@ keep checking the kernels they always checked) and for chunks under 128 tokens (
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ._compiled_prefill import inside
+from ._compiled_prefill import KernelSwitch, inside
 from ._plan import StepPlan
-
-logger = logging.getLogger(__name__)
 
 BLOCK = 128  # FlexAttention's tile of queries and keys
 
 
-class _FlexPrefill:
-    """Whether prefill chunks go to FlexAttention: in the compiled prefill only (`_compiled_prefill.inside`),
-    unless switched off (`exact_kernels`) or found unable to run for these inputs here (warned once; xFormers for
-    them from then on)."""
+class _FlexPrefill(KernelSwitch):
+    """Whether prefill chunks go to FlexAttention: in the compiled prefill only (`_compiled_prefill.inside`), where
+    cuDNN does not run them (`_cudnn`), unless switched off or refused (`KernelSwitch`)."""
 
     def __init__(self) -> None:
-        self.enabled = True
-        self.refused: set[tuple] = set()  # (dtype, head size, device) FlexAttention failed on
+        super().__init__("FlexAttention")
         self._compiled = None
 
     def attention(self):
@@ -55,14 +49,7 @@ def applies(query: torch.Tensor, softcap: float | None, sinks: torch.Tensor | No
     """Inside the compiled prefill, for inference only (`flex_packed` hands detached tensors to the kernel), for a
     chunk of at least one tile of queries: a shorter one gains nothing, and compiled first (with PyTorch 2.11 on an
     H100) FlexAttention found no kernel configuration for it, and would have been refused from then on."""
-    return (
-        inside(query, softcap, sinks) and _flex.enabled and query.shape[0] >= BLOCK
-        and _inputs(query) not in _flex.refused
-    )
-
-
-def _inputs(query: torch.Tensor) -> tuple:
-    return query.dtype, query.shape[-1], query.device
+    return inside(query, softcap, sinks) and _flex.takes(query) and query.shape[0] >= BLOCK
 
 
 def key_ranges(plan: StepPlan, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +141,6 @@ def flex_packed(
         for dim in dims:
             if tensor.shape[dim] > 1:  # (a dimension of 1 is always specialized)
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    try:
-        out = _flex.attention()(*inputs, block_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1])
-    except torch.OutOfMemoryError:
-        raise  # (not a refusal of these inputs: the caller's to handle, as with any kernel)
-    except Exception as error:  # noqa: BLE001 - any failure of the compiler or kernel: xFormers for such inputs
-        _flex.refused.add(_inputs(query))
-        logger.warning("FlexAttention cannot run the prefill here for %s queries of head size %d (%s: %s); using "
-                       "xFormers for them.", query.dtype, query.shape[-1], type(error).__name__, error)
-        return None
-    return out[0].transpose(0, 1).contiguous()
+    out = _flex.run(query, lambda: _flex.attention()(*inputs, block_mask=mask, scale=scaling,
+                                                     enable_gqa=query.shape[1] != keys.shape[1]))
+    return None if out is None else out[0].transpose(0, 1).contiguous()

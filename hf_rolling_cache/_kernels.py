@@ -1,9 +1,8 @@
 """Attention kernels for the three phases, each exact against the step plan's xFormers mask.
 
-- Prefill phases, packed tokens ``[T, H_q, D]`` against packed keys ``[S, H_kv, D]``: on CUDA xFormers'
-  memory-efficient attention in its 5-D grouped layout (no copy of K/V per query head), with the operator chosen
-  once per mask type rather than dispatched on every call; elsewhere, or where xFormers cannot run, an exact
-  float32 computation from the materialized mask (the oracle the tests also use).
+- Prefill phases, packed queries ``[T, H_q, D]`` against packed keys ``[S, H_kv, D]``: on CUDA xFormers' attention
+  in its 5-D grouped layout (no copy of K/V per query head), its operator chosen once per mask type (the compiled
+  prefill's kernels first: `_compiled_prefill`); elsewhere, exact float32 over the materialized mask (the oracle).
 - Decode, one query per sequence against its ring ``[B, W, H_kv, D]``: on CUDA, where Triton is installed, our own
   split-K kernels (`_ring_decode`), which also write the step's token (the decode mask's semantics: each row's
   first ``kv_seqlens[b]`` slots, as ``BlockDiagonalCausalWithOffsetPaddedKeysMask``); elsewhere, or for a ring with

@@ -147,7 +147,7 @@ class KVLayer(CacheLayerMixin):
     def write(self, keys: torch.Tensor, values: torch.Tensor, indices: PlanIndices) -> None:
         """Write packed new tokens ``[T, H_kv, D]`` into their slots, in place: one slot per kept token."""
         flat_keys, flat_values = self.flat()
-        if indices.write_runs is not None:  # a few stretches (one sequence): slice copies
+        if indices.write_runs is not None and flat_keys.dtype == keys.dtype:  # a few stretches: slice copies
             _copy_runs(indices.write_runs, (keys, values), (flat_keys, flat_values))
             return
         flat_keys.index_copy_(0, indices.write_slot, keys.index_select(0, indices.write_source))
@@ -164,7 +164,8 @@ class KVLayer(CacheLayerMixin):
         else:
             for packed, new in zip(out, (keys, values)):
                 packed.index_copy_(0, indices.new_dest, new)
-        if indices.held_runs is not None and self.stores_model_dtype:  # straight from the storage's slices
+        if indices.held_runs is not None and self.stores_model_dtype and self.slot_keys.dtype == keys.dtype:
+            # straight from the storage's slices (a copy_ would cast anything else silently)
             _copy_runs(indices.held_runs, self.flat(), out)
         else:
             for packed, held in zip(out, self._gathered(indices.gather_slot, keys.dtype)):

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from . import _masks
-from ._ring import cached_count, slot_of, unrotated_slots
+from ._ring import cached_count, contiguous_runs, slot_of, unrotated_slots
 
 
 class Phase(str, enum.Enum):
@@ -57,25 +57,10 @@ class PlanIndices(NamedTuple):
     gather_dest: torch.Tensor | None  # ... and their rows in the packed keys
     new_dest: torch.Tensor | None  # ... and the rows of this chunk's tokens in the packed keys
     # The same moves as a few contiguous stretches, (source row, destination row, rows), where there are at most
-    # `MAX_RUNS` (one sequence: a ring's wrap makes two): plain slice copies instead of index kernels. None: more.
+    # `_ring.MAX_RUNS` (one sequence: a ring's wrap makes two): slice copies instead of index kernels. None: more.
     write_runs: tuple[tuple[int, int, int], ...] | None = None  # write_source -> write_slot
     held_runs: tuple[tuple[int, int, int], ...] | None = None  # gather_slot -> gather_dest
     new_runs: tuple[tuple[int, int, int], ...] | None = None  # the chunk's packed rows in order -> new_dest
-
-
-MAX_RUNS = 4
-
-
-def contiguous_runs(sources: torch.Tensor, destinations: torch.Tensor) -> tuple[tuple[int, int, int], ...] | None:
-    """``(source, destination, length)`` of each stretch where both host index tensors step by one, or None where
-    there are more than `MAX_RUNS`."""
-    if sources.numel() == 0:
-        return ()
-    breaks = ((sources.diff() != 1) | (destinations.diff() != 1)).nonzero().flatten() + 1
-    if breaks.numel() >= MAX_RUNS:
-        return None
-    edges = [0, *breaks.tolist(), sources.numel()]
-    return tuple((int(sources[a]), int(destinations[a]), b - a) for a, b in zip(edges, edges[1:]))
 
 
 def _window_slots(newest: torch.Tensor, kv_seqlens: torch.Tensor, window: int | None, slots: int) -> torch.Tensor:
@@ -148,7 +133,9 @@ class StepPlan:
                     parts[name] = flat[start : start + len(values)]
                     on_host[name] = host[start : start + len(values)]
                     start += len(values)
-            runs = {"write_runs": contiguous_runs(on_host["write_source"], on_host["write_slot"])}
+            runs = {}  # (prefill only: a decode step writes one token a sequence, by its own kernels)
+            if self.phase is not Phase.DECODE:
+                runs["write_runs"] = contiguous_runs(on_host["write_source"], on_host["write_slot"])
             if on_host["gather_slot"] is not None:
                 runs["held_runs"] = contiguous_runs(on_host["gather_slot"], on_host["gather_dest"])
                 chunk_rows = torch.arange(on_host["new_dest"].numel())

@@ -5,10 +5,13 @@ up to ``slack + 1`` tokens (assisted decoding): the extra slots keep the tokens 
 window (the next token's window needs only ``window - 1`` tokens before it, hence the one more).
 A global (full-attention) layer is the same formula with no modulus: position ``p`` in slot ``p``.
 Everything that maps positions to slots goes through these helpers, so the formula is written once. They work on
-host ints: the step plan calls them while it builds its index tensors.
+host ints: the step plan calls them while it builds its index tensors (and `contiguous_runs` on those, where a
+move of tokens is a few stretches of slots: a copy of slices instead of an index kernel).
 """
 
 from __future__ import annotations
+
+import torch
 
 
 def slot_of(position: int, slots: int | None) -> int:
@@ -40,3 +43,19 @@ def slot_positions(seen: int, slots: int) -> list[int]:
     for position in range(seen - cached_count(seen, slots), seen):
         held[slot_of(position, slots)] = position
     return held
+
+
+MAX_RUNS = 4
+
+
+def contiguous_runs(sources: torch.Tensor, destinations: torch.Tensor) -> tuple[tuple[int, int, int], ...] | None:
+    """``(source, destination, length)`` of each stretch where both host index tensors step by one, or None where
+    there are more than `MAX_RUNS`."""
+    if sources.numel() == 0:
+        return ()
+    breaks = ((sources.diff() != 1) | (destinations.diff() != 1)).nonzero().flatten() + 1
+    if breaks.numel() >= MAX_RUNS:
+        return None
+    edges = [0, *breaks.tolist(), sources.numel()]
+    return tuple((int(sources[a]), int(destinations[a]), b - a) for a, b in zip(edges, edges[1:]))
+

@@ -4,6 +4,7 @@ its output against the exact kernel (the compiled prefill of a model by cuDNN ag
 `test_flex`, beside FlexAttention's)."""
 
 import random
+import types
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ def ids(plan):
 
 @pytest.mark.parametrize("plan", PLANS, ids=ids)
 def test_the_band_asked_of_cudnn_is_the_xformers_mask_of_every_prefill_phase(plan):
+    """Our reading of cuDNN's documented band (`band_mask`) against the plan's xFormers mask; cuDNN's own reading of
+    the bounds we pass is checked on a GPU (`test_cudnn_on_gpu_errs_against_the_exact_kernel_like_xformers`)."""
     assert torch.equal(_cudnn.band_mask(plan.q_seqlens, plan.kv_seqlens, plan.window), visible(plan))
 
 
@@ -91,7 +94,7 @@ def test_a_cudnn_that_fails_warns_once_and_leaves_prefill_to_the_next_kernel(mon
     plan = build_plan(window=7, q_length=20, q_seqlens=(20,), seen=(0,))
     query = torch.randn(plan.num_queries, 4, 16, dtype=torch.bfloat16)
     keys = values = torch.randn(plan.num_keys, 2, 16, dtype=torch.bfloat16)
-    with caplog.at_level("WARNING", logger="hf_rolling_cache._cudnn"):
+    with caplog.at_level("WARNING", logger="hf_rolling_cache._compiled_prefill"):
         assert _cudnn.cudnn_packed(query, keys, values, plan, 0.3) is None
     assert "cuDNN cannot run the prefill here" in caplog.text
     with prefill_kernel():
@@ -108,6 +111,26 @@ def test_a_cudnn_that_fails_warns_once_and_leaves_prefill_to_the_next_kernel(mon
     assert (torch.float16, 16, half.device) not in _cudnn._cudnn.refused
 
 
+def test_keys_unlike_the_query_or_offsets_past_int32_go_to_the_next_kernel_without_a_refusal(monkeypatch):
+    """cuDNN would read keys and values as the query's dtype and head size: anything else is not handed to it, and
+    a chunk whose element offsets overflow int32 is left to the next kernel, without refusing the next chunks."""
+    monkeypatch.setattr(_cudnn._cudnn, "_module", FakeCudnn())
+    monkeypatch.setattr(_cudnn._cudnn, "refused", set())
+    monkeypatch.setattr(_cudnn, "_build", lambda shape: pytest.fail("no graph for inputs cuDNN cannot take"))
+    plan = build_plan(window=7, q_length=20, q_seqlens=(20,), seen=(0,))
+    query = torch.randn(plan.num_queries, 4, 16, dtype=torch.bfloat16)
+    keys = torch.randn(plan.num_keys, 2, 16, dtype=torch.bfloat16)
+    three_heads = torch.randn(plan.num_keys, 3, 16, dtype=torch.bfloat16)  # (not a divisor of the query's 4)
+    for other_keys, other_values in [(keys.float(), keys), (keys, keys.half()), (keys[..., :8], keys),
+                                     (three_heads, three_heads), (keys[:-1], keys)]:
+        assert _cudnn.cudnn_packed(query, other_keys, other_values, plan, 0.3) is None
+    huge = types.SimpleNamespace(q_seqlens=(600_000,), kv_seqlens=(600_000,), batch_size=1)
+    assert _cudnn.ragged_offsets(huge, 32, 8, 128, 128) is None  # 600k x 32 x 128 elements
+    assert _cudnn.ragged_offsets(types.SimpleNamespace(q_seqlens=(4096,), kv_seqlens=(8192,)), 32, 8, 128, 128) \
+        is not None
+    assert not _cudnn._cudnn.refused
+
+
 needs_cudnn = pytest.mark.skipif(not _cudnn._cudnn.module(), reason="cudnn-frontend is not installed")
 
 # plans of every phase at a model's scale: long chunks over held keys, ragged batches, a global layer
@@ -117,6 +140,7 @@ GPU_PLANS = [
     dict(window=512, q_length=700, q_seqlens=[300, 1, 700, 129], seen=[5000, 10, 0, 512]),
     dict(window=512, q_length=600, q_seqlens=[600, 0, 37], seen=[600, 90, 2000]),
     dict(window=None, q_length=900, q_seqlens=[900, 13], seen=[1000, 0], capacity=2000),
+    dict(window=512, q_length=300, q_seqlens=[300, 0, 40], seen=[0, 0, 0]),  # a first chunk, a row of padding
 ]
 
 

@@ -104,7 +104,7 @@ def test_a_flex_attention_that_fails_warns_once_and_leaves_prefill_to_the_other_
 
     monkeypatch.setattr(_flex._flex, "attention", broken)
     keys = values = torch.randn(plan.num_keys, 2, 16, dtype=torch.bfloat16)
-    with caplog.at_level("WARNING", logger="hf_rolling_cache._flex"):
+    with caplog.at_level("WARNING", logger="hf_rolling_cache._compiled_prefill"):
         assert _flex.flex_packed(query, keys, values, plan, 0.3) is None
     assert "FlexAttention cannot run the prefill here" in caplog.text
     with prefill_kernel():

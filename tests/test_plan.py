@@ -185,8 +185,11 @@ def moved_by_runs(runs, rows):
     return out
 
 
-RUN_PLANS = [  # one sequence (a ring's wrap: two stretches), several, a long chunk that overwrites, a global layer
+RUN_PLANS = [  # one sequence (a ring's wrap: two stretches), several, a long chunk that overwrites, a global layer,
+    # a first chunk, a ring with slack
     dict(window=5, q_length=4, q_seqlens=[4], seen=[7]),
+    dict(window=5, q_length=7, q_seqlens=[7, 3], seen=[0, 0]),
+    dict(window=4, q_length=3, q_seqlens=[3], seen=[9], capacity=6),
     dict(window=5, q_length=5, q_seqlens=[5], seen=[10]),
     dict(window=4, q_length=9, q_seqlens=[9], seen=[6]),
     dict(window=3, q_length=2, q_seqlens=[2, 0, 1], seen=[2, 1, 2]),
@@ -199,7 +202,7 @@ RUN_PLANS = [  # one sequence (a ring's wrap: two stretches), several, a long ch
 def test_contiguous_runs_move_exactly_what_the_index_lists_move(options):
     """The slice copies of a plan (a ring write, the held tokens and the chunk's into the packed keys) put every
     row where the index kernels put it; where there are more stretches than `MAX_RUNS`, there are none."""
-    from hf_rolling_cache._plan import MAX_RUNS
+    from hf_rolling_cache._ring import MAX_RUNS
 
     plan = build_plan(**options)
     indices = plan.indices(torch.device("cpu"))
