@@ -9,10 +9,9 @@ SDPA takes exactly that: a diagonal aligned at each sequence's bottom right, a r
 attention over a 32k-token prompt in chunks of the window (32/8 heads, d=128, bf16) takes 3.7 ms this way, 6.1 ms by
 FlexAttention and 7.5 ms by xFormers' flash operator (`benchmarks.prefill_attention`).
 
-A graph is built per (batch size, bucketed longest query and key runs, heads, head sizes, window, scale, dtype,
-device):
-0.04 s each, about 1 s for the first in a process. So it serves only the compiled prefill, which has asked for a
-warm-up. Without cudnn-frontend, or where it fails for some inputs (warned once), prefill goes on as before.
+A graph is built per batch size, bucketed longest query and key runs, heads, head sizes, window, scale, dtype and
+device: 0.04 s each, about 1 s for the first in a process. So it serves only the compiled prefill, which has asked
+for a warm-up. Without cudnn-frontend, or where it fails for some inputs (warned once), the next kernel runs them.
 """
 
 from __future__ import annotations
