@@ -207,9 +207,11 @@ def _build(shape: _Shape) -> _Graph:
                                      data_type=cudnn.data_type.INT32)
         return tensors[name]
 
+    def packed(heads: int, dim: int, length: int) -> dict:  # [B, H, L, D] over rows of [T, H, D]
+        return {"dim": [shape.batch, heads, length, dim], "stride": [length * heads * dim, dim, heads * dim, 1]}
+
     def ragged(name: str, heads: int, dim: int, length: int):
-        tensors[name] = graph.tensor(name=name, dim=[shape.batch, heads, length, dim],
-                                     stride=[length * heads * dim, dim, heads * dim, 1], data_type=io,
+        tensors[name] = graph.tensor(name=name, **packed(heads, dim, length), data_type=io,
                                      ragged_offset=scalars(f"{name}_offsets", shape.batch + 1))
         return tensors[name]
 
@@ -223,10 +225,9 @@ def _build(shape: _Shape) -> _Graph:
         attn_scale=shape.scale, use_padding_mask=True, seq_len_q=scalars("q_lengths", shape.batch),
         seq_len_kv=scalars("kv_lengths", shape.batch), **band,
     )
-    length, heads, dim = shape.max_queries, shape.heads, shape.value_dim
-    out.set_output(True).set_dim([shape.batch, heads, length, dim]).set_stride(
-        [length * heads * dim, dim, heads * dim, 1]).set_ragged_offset(scalars("o_offsets", shape.batch + 1))
-    out.set_data_type(io)
+    layout = packed(shape.heads, shape.value_dim, shape.max_queries)
+    out.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"]).set_data_type(io)
+    out.set_ragged_offset(scalars("o_offsets", shape.batch + 1))
     tensors["o"] = out
     graph.validate()
     graph.build_operation_graph()

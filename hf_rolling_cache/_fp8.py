@@ -169,8 +169,6 @@ class Fp8KVLayer(KVLayer):
             codes_out.index_copy_(0, indices.write_slot, codes.view(torch.uint8))
             scales_out.index_copy_(0, indices.write_slot, scales)
 
-    stores_model_dtype = False  # codes and scales: held tokens are gathered dequantized (`_gathered`)
-
     def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of flat storage rows ``rows``, dequantized to ``dtype`` (a later prefill chunk reads its
         held tokens so; its own are quantized only when written, after)."""

@@ -164,15 +164,14 @@ class KVLayer(CacheLayerMixin):
         else:
             for packed, new in zip(out, (keys, values)):
                 packed.index_copy_(0, indices.new_dest, new)
-        if indices.held_runs is not None and self.stores_model_dtype and self.slot_keys.dtype == keys.dtype:
-            # straight from the storage's slices (a copy_ would cast anything else silently)
+        if indices.held_runs is not None and self.slot_keys.dtype == keys.dtype:
+            # straight from the storage's slices where it holds what the attention reads (not an 8-bit ring's codes;
+            # a copy_ would cast them silently)
             _copy_runs(indices.held_runs, self.flat(), out)
         else:
             for packed, held in zip(out, self._gathered(indices.gather_slot, keys.dtype)):
                 packed.index_copy_(0, indices.gather_dest, held)
         return out[0], out[1]
-
-    stores_model_dtype = True  # the storage holds keys and values as the attention reads them (not codes)
 
     def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of flat storage rows ``rows``, as the attention reads them (``dtype``: the model's,

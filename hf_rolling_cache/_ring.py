@@ -58,4 +58,3 @@ def contiguous_runs(sources: torch.Tensor, destinations: torch.Tensor) -> tuple[
         return None
     edges = [0, *breaks.tolist(), sources.numel()]
     return tuple((int(sources[a]), int(destinations[a]), b - a) for a, b in zip(edges, edges[1:]))
-
