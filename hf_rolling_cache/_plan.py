@@ -30,13 +30,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import NamedTuple
 
 import torch
 
 from . import _masks
-from ._ring import cached_count, contiguous_runs, slot_of, unrotated_slots
+from ._ring import cached_count, contiguous_runs, slot_of
 
 
 class Phase(str, enum.Enum):
@@ -97,7 +96,7 @@ class StepPlan:
     q_seqlens: tuple[int, ...]  # real query tokens per sequence
     kv_seqlens: tuple[int, ...]  # keys each sequence's queries attend over
     seen: tuple[int, ...]  # real tokens each sequence had cached before this forward
-    _host_indices: dict[str, list[int] | None] = field(repr=False)
+    _host_indices: dict[str, torch.Tensor | None] = field(repr=False)  # int64 host tensors
     _per_device: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -121,18 +120,12 @@ class StepPlan:
         """The index tensors on ``device``, copied there once (one host-to-device transfer)."""
         key = ("indices", device)
         if key not in self._per_device:
-            names = [name for name in PlanIndices._fields if not name.endswith("_runs")]
-            lists = [self._host_indices[name] for name in names]
-            host = torch.tensor([i for values in lists if values is not None for i in values], dtype=torch.long)
-            flat = host.to(device, non_blocking=True)
-            parts, on_host, start = {}, {}, 0
-            for name, values in zip(names, lists):
-                if values is None:
-                    parts[name] = on_host[name] = None
-                else:
-                    parts[name] = flat[start : start + len(values)]
-                    on_host[name] = host[start : start + len(values)]
-                    start += len(values)
+            on_host = {name: self._host_indices[name] for name in PlanIndices._fields if not name.endswith("_runs")}
+            flat = torch.cat([values for values in on_host.values() if values is not None]).to(device, non_blocking=True)
+            parts, start = {}, 0
+            for name, values in on_host.items():
+                parts[name] = None if values is None else flat[start : start + len(values)]
+                start += 0 if values is None else len(values)
             runs = {}  # (prefill only: a decode step writes one token a sequence, by its own kernels)
             if self.phase is not Phase.DECODE:
                 runs["write_runs"] = contiguous_runs(on_host["write_source"], on_host["write_slot"])
@@ -232,44 +225,15 @@ def build_plan(
     else:
         phase = Phase.SUBSEQUENT_PREFILL
 
-    starts = [0, *accumulate(q_seqlens)][:-1]  # where each sequence's tokens start among the packed queries
-    query_index = None
-    if any(n != q_length for n in q_seqlens):
-        query_index = [b * q_length + column for b, n in enumerate(q_seqlens) for column in range(q_length - n, q_length)]
-
     if window is None and max(s + n for s, n in zip(seen, q_seqlens)) > capacity:
         raise ValueError(f"A global layer of {capacity} slots cannot hold {max(seen)} + {max(q_seqlens)} tokens.")
-    # Only the newest `capacity` tokens of a long chunk are kept: writing more would put two tokens in one slot.
-    write_source, write_slot = [], []
-    for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
-        for i in range(n - cached_count(n, ring), n):
-            write_source.append(start + i)
-            write_slot.append(b * capacity + slot_of(s + i, ring))
-
-    gather_slot = gather_dest = new_dest = None
     if phase is Phase.PREFILL:
         kv_seqlens = q_seqlens
     elif phase is Phase.DECODE:
         kv_seqlens = tuple(cached_count(s + 1, window) for s in seen)
     else:
         kv_seqlens = tuple(cached_count(s, window) + n for s, n in zip(seen, q_seqlens))
-        gather_slot, gather_dest, new_dest = [], [], []
-        kv_start = 0
-        for b, (n, s, start) in enumerate(zip(q_seqlens, seen, starts)):
-            cached = unrotated_slots(s, window, ring)
-            gather_slot += [b * capacity + slot for slot in cached]
-            gather_dest += range(kv_start, kv_start + len(cached))
-            new_dest += range(kv_start + len(cached), kv_start + len(cached) + n)
-            kv_start += len(cached) + n
-
-    host_indices = dict(
-        query_index=query_index,
-        write_source=write_source,
-        write_slot=write_slot,
-        gather_slot=gather_slot,
-        gather_dest=gather_dest,
-        new_dest=new_dest,
-    )
+    host_indices = _host_indices(phase, window, ring, capacity, q_length, q_seqlens, seen)
     return StepPlan(
         phase=phase,
         window=window,
@@ -281,6 +245,43 @@ def build_plan(
         seen=seen,
         _host_indices=host_indices,
     )
+
+
+def _runs_of(lengths: torch.Tensor, firsts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``firsts[b] .. firsts[b] + lengths[b] - 1`` for every ``b``, concatenated, and the ``b`` of each value."""
+    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    begins = torch.cumsum(lengths, 0) - lengths
+    return firsts[owner] + torch.arange(owner.numel()) - begins[owner], owner
+
+
+def _host_indices(phase: Phase, window: int | None, ring: int | None, capacity: int, q_length: int,
+                  q_seqlens: tuple[int, ...], seen: tuple[int, ...]) -> dict[str, torch.Tensor | None]:
+    """A plan's index lists as host tensors (`PlanIndices` names them), computed by whole-tensor arithmetic: a
+    chunk of thousands of tokens costs a few tensor operations, not a Python loop per token (which kept the GPU
+    waiting between chunks)."""
+    held = torch.tensor(seen, dtype=torch.long)
+    rows = torch.arange(held.numel()) * capacity  # each sequence's first row in the flat [B * capacity] storage
+    if phase is Phase.DECODE:  # one token a sequence, each in its row's next slot
+        return dict(query_index=None, write_source=torch.arange(held.numel()), write_slot=rows + slot_of(held, ring),
+                    gather_slot=None, gather_dest=None, new_dest=None)
+    n = torch.tensor(q_seqlens, dtype=torch.long)
+    starts = torch.cumsum(n, 0) - n  # where each sequence's tokens start among the packed queries
+    query_index = None
+    if any(count != q_length for count in q_seqlens):
+        query_index, _ = _runs_of(n, torch.arange(n.numel()) * q_length + q_length - n)
+    # Only the newest `ring` tokens of a long chunk are kept: writing more would put two tokens in one slot.
+    kept = cached_count(n, ring)
+    write_source, owner = _runs_of(kept, starts + n - kept)
+    write_slot = rows[owner] + slot_of(held[owner] + write_source - starts[owner], ring)
+    gather_slot = gather_dest = new_dest = None
+    if phase is Phase.SUBSEQUENT_PREFILL:
+        cached = cached_count(held, window)  # the window's tokens before this chunk, oldest first (unrotated)
+        kv_starts = torch.cumsum(cached + n, 0) - (cached + n)
+        gather_dest, owner = _runs_of(cached, kv_starts)
+        gather_slot = rows[owner] + slot_of(held[owner] - cached[owner] + gather_dest - kv_starts[owner], ring)
+        new_dest, _ = _runs_of(n, kv_starts + cached)
+    return dict(query_index=query_index, write_source=write_source, write_slot=write_slot, gather_slot=gather_slot,
+                gather_dest=gather_dest, new_dest=new_dest)
 
 
 def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: int) -> tuple[list[int], list[int] | None]:

@@ -5,35 +5,28 @@ up to ``slack + 1`` tokens (assisted decoding): the extra slots keep the tokens 
 window (the next token's window needs only ``window - 1`` tokens before it, hence the one more).
 A global (full-attention) layer is the same formula with no modulus: position ``p`` in slot ``p``.
 Everything that maps positions to slots goes through these helpers, so the formula is written once. They work on
-host ints: the step plan calls them while it builds its index tensors (and `contiguous_runs` on those, where a
-move of tokens is a few stretches of slots: a copy of slices instead of an index kernel).
+host ints and on host tensors of positions: the step plan calls them while it builds its index tensors (and
+`contiguous_runs` on those, where a move of tokens is a few stretches of slots: a copy of slices instead of an index
+kernel).
 """
 
 from __future__ import annotations
 
 import torch
 
+IntOrTensor = int | torch.Tensor  # the helpers take one position (an int) or many (an int64 tensor)
 
-def slot_of(position: int, slots: int | None) -> int:
+
+def slot_of(position: IntOrTensor, slots: int | None) -> IntOrTensor:
     """Slot of the token at ``position``: ``position % slots``, or ``position`` for a global layer (``None``)."""
     return position if slots is None else position % slots
 
 
-def cached_count(seen: int, window: int | None) -> int:
+def cached_count(seen: IntOrTensor, window: int | None) -> IntOrTensor:
     """How many of a sequence's ``seen`` tokens the layer still holds: the newest ``min(seen, window)``."""
-    return seen if window is None else min(seen, window)
-
-
-def unrotated_slots(seen: int, window: int | None, slots: int | None = None) -> list[int]:
-    """Slots of the tokens in the window, oldest first (``slots``: the ring's size, by default the window).
-
-    After ``seen`` tokens the window covers positions ``seen - cached_count .. seen - 1``; reading their slots in
-    this order "unrotates" the ring back into sequence order, which a later prefill chunk needs to line its queries
-    up with the keys (the walkthrough's iteration 2).
-    """
-    slots = window if slots is None else slots
-    first = seen - cached_count(seen, window)
-    return [slot_of(position, slots) for position in range(first, seen)]
+    if window is None:
+        return seen
+    return seen.clamp(max=window) if isinstance(seen, torch.Tensor) else min(seen, window)
 
 
 def slot_positions(seen: int, slots: int) -> list[int]:

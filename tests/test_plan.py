@@ -1,11 +1,13 @@
 """The step plan: phases, seqlens, slots, and masks that equal an oracle built from token positions alone."""
 
 import itertools
+import random
 
 import pytest
 import torch
 
 from hf_rolling_cache._plan import Phase, build_plan, query_layout
+from hf_rolling_cache._ring import cached_count, slot_of
 from tests.conftest import SEED_DECODE_1, SEED_ITERATION_1, SEED_ITERATION_2, held_positions
 
 
@@ -170,6 +172,53 @@ def test_device_decode_key_lengths_count_the_slots_the_key_mask_opens(window):
         assert mask.k_seqinfo.seqlen is got  # the device tensor itself, read by the kernel at every replay
         assert mask.k_seqinfo.max_seqlen == capacity and mask.k_seqinfo.padding == capacity
         assert torch.equal(mask.q_seqinfo.seqstart, template.q_seqinfo.seqstart)
+
+
+def per_token_indices(plan):
+    """A plan's index lists token by token, from the ring formula on host ints (the plan computes them by tensor
+    arithmetic)."""
+    ring = plan.capacity if plan.window is not None else None
+    starts = [sum(plan.q_seqlens[:b]) for b in range(plan.batch_size)]
+    query_index = None
+    if any(n != plan.q_length for n in plan.q_seqlens):
+        query_index = [b * plan.q_length + column for b, n in enumerate(plan.q_seqlens)
+                       for column in range(plan.q_length - n, plan.q_length)]
+    write_source, write_slot = [], []
+    for b, (n, s, start) in enumerate(zip(plan.q_seqlens, plan.seen, starts)):
+        for i in range(n - cached_count(n, ring), n):
+            write_source.append(start + i)
+            write_slot.append(b * plan.capacity + slot_of(s + i, ring))
+    lists = dict(query_index=query_index, write_source=write_source, write_slot=write_slot,
+                 gather_slot=None, gather_dest=None, new_dest=None)
+    if plan.phase is Phase.SUBSEQUENT_PREFILL:
+        gather_slot, gather_dest, new_dest, kv_start = [], [], [], 0
+        for b, (n, s) in enumerate(zip(plan.q_seqlens, plan.seen)):
+            held = range(s - cached_count(s, plan.window), s)  # the window's positions, oldest first
+            gather_slot += [b * plan.capacity + slot_of(position, ring) for position in held]
+            gather_dest += range(kv_start, kv_start + len(held))
+            new_dest += range(kv_start + len(held), kv_start + len(held) + n)
+            kv_start += len(held) + n
+        lists.update(gather_slot=gather_slot, gather_dest=gather_dest, new_dest=new_dest)
+    return lists
+
+
+def test_index_lists_equal_the_per_token_formula():
+    """Every index list of random plans (rings with and without slack, global layers, padding, long chunks, every
+    phase) equals the ring formula applied token by token."""
+    rng = random.Random(7)
+    for _ in range(300):
+        batch = rng.randint(1, 4)
+        window = rng.choice([1, 2, 3, 5, 8, None])
+        q_length = rng.choice([1, 2, 3, 7, 12])
+        q_seqlens = [rng.choice([q_length, rng.randint(0, q_length)]) for _ in range(batch)]
+        seen = [rng.choice([0, rng.randint(0, 20)]) for _ in range(batch)]
+        capacity = (max(s + n for s, n in zip(seen, q_seqlens)) + rng.randint(0, 3) if window is None
+                    else window + rng.choice([0, 0, 2]))
+        plan = build_plan(window=window, q_length=q_length, q_seqlens=q_seqlens, seen=seen, capacity=capacity)
+        indices = plan.indices(torch.device("cpu"))
+        for name, expected in per_token_indices(plan).items():
+            got = getattr(indices, name)
+            assert (None if got is None else got.tolist()) == expected, (name, window, capacity, q_seqlens, seen)
 
 
 def moved_by_index(sources, destinations, rows):

@@ -1,4 +1,14 @@
-from hf_rolling_cache._ring import cached_count, slot_of, slot_positions, unrotated_slots
+import torch
+
+from hf_rolling_cache._plan import build_plan
+from hf_rolling_cache._ring import cached_count, slot_of, slot_positions
+
+
+def unrotated_slots(seen: int, window: int) -> list[int]:
+    """The slots a later chunk of one sequence reads its held keys from, oldest first, as its plan says."""
+    plan = build_plan(window=window, q_length=2, q_seqlens=[2], seen=[seen])
+    gather = plan.indices(torch.device("cpu")).gather_slot
+    return [] if gather is None else gather.tolist()
 
 
 def test_slot_of_wraps_every_window():
@@ -21,6 +31,13 @@ def test_unrotated_after_wrapping():  # pos > W: oldest first, starting after th
     # after 6 tokens the ring holds positions 2..5 in slots 2, 3, 0, 1
     assert unrotated_slots(6, 4) == [2, 3, 0, 1]
     assert cached_count(6, 4) == 4
+
+
+def test_the_formula_takes_tensors_of_positions():
+    positions = torch.tensor([0, 3, 4, 9])
+    assert slot_of(positions, 4).tolist() == [slot_of(p, 4) for p in positions.tolist()]
+    assert cached_count(positions, 4).tolist() == [0, 3, 4, 4]
+    assert slot_of(positions, None) is positions and cached_count(positions, None) is positions
 
 
 def test_slot_positions_match_the_seed():
