@@ -8,7 +8,9 @@ of ``use_cuda_graphs(model, compile=True, compile_prefill=True)`` (its warm-up r
 cuDNN where cudnn-frontend is installed; ``compiled_flex``: the same by FlexAttention. Kernel classes: weight products
 (cuBLAS/cutlass GEMMs), attention (xFormers/flash), copies and index writes (packing, the ring write, the history
 gather), and everything else (norms, rotary, activations, adds). Each class against its floor at the matrix rate and
-bandwidth this GPU shows on a large bf16 product and a large copy.
+bandwidth this GPU shows on a large bf16 product and a large copy. Then the GPU's idle time between kernels, binned
+by length, and how much of it waited for the host (the next kernel launched only after the last one ended); and the
+SM clock during the timed prefill (`benchmarks.clocks`): at the power cap, idle time is not what sets the pace.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import tempfile
 import time
 
 import torch
 
+from benchmarks.clocks import ClockSampler
 from benchmarks.gpu_bench import build_model
 from benchmarks.profile_decode import kernel_class as decode_kernel_class
 from benchmarks.profile_decode import read_bandwidth
@@ -77,15 +82,17 @@ def profile(model, prompt: int, chunk: int, top: int, layers=None, form: str = "
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     weights = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    logits = prefill(model, ids, chunk, layers)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with ClockSampler() as clocks:
+        start = time.perf_counter()
+        logits = prefill(model, ids, chunk, layers)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     peak_gib = (torch.cuda.max_memory_allocated() - weights) / 2**30
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         prefill(model, ids, chunk, layers)
         torch.cuda.synchronize()
     events = prof.key_averages()
+    idle = idle_time(prof)
     per_class: dict[str, float] = {}
     for event in events:
         label = kernel_class(event.key)
@@ -103,6 +110,7 @@ def profile(model, prompt: int, chunk: int, top: int, layers=None, form: str = "
     print(f"{form}: warm-up {warm_up_s:.1f} s; prompt {prompt}, chunk {chunk}: first token {seconds:.3f} s, {peak_gib:.3f} GiB above the weights; "
           f"kernels {kernels_s:.3f} s, gaps {seconds - kernels_s:.3f} s; bf16 product rate {rate / 1e12:.0f} TFLOP/s",
           flush=True)
+    print(f"  during the timed prefill: {clocks.describe()}", flush=True)
     floors = {"weight products": product_flops / rate, "attention": attention_flops / rate}
     for label, s in sorted(per_class.items(), key=lambda item: -item[1]):
         floor = floors.get(label)
@@ -111,9 +119,70 @@ def profile(model, prompt: int, chunk: int, top: int, layers=None, form: str = "
     print("  top kernels (s):")
     for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"    {event.device_time_total / 1e6:7.3f}  x{event.count:<5d} [{kernel_class(event.key)}] {event.key[:110]}")
-    return dict(form=form, logits=logits, warm_up_s=warm_up_s, prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
+    print_idle(idle)
+    return dict(clocks=clocks.summary(), idle=idle, form=form, logits=logits, warm_up_s=warm_up_s, prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
                 kernels_s=kernels_s, per_class_s=per_class, floors_s=floors, product_tflops=rate / 1e12,
                 bandwidth_tb_s=read_bandwidth() / 1e12)
+
+
+GAP_BINS_US = (2, 5, 20, 100, 1000)  # upper bounds of the idle-time bins; the last bin is everything longer
+
+
+def idle_time(prof, largest: int = 12) -> dict:
+    """Where the GPU sat idle between the profiled kernels (and copies), from the profiler's trace.
+
+    A gap is host-bound where the kernel after it was launched after the kernel before it had ended: the GPU waited
+    for the host (Python, a synchronization), not for the launch path. Gaps binned by length, the largest listed with
+    their neighbours' names."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    launches = {}  # correlation id -> when the host's launch call began (us)
+    device = []
+    for event in events:
+        cat = event.get("cat", "")
+        correlation = (event.get("args") or {}).get("correlation")
+        if cat in ("cuda_runtime", "cuda_driver") and correlation is not None:
+            launches[correlation] = event["ts"]
+        elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and event.get("dur") is not None:
+            device.append((event["ts"], event["ts"] + event["dur"], event.get("name", "?"), correlation))
+    device.sort()
+    bins = [dict(up_to_us=bound, count=0, total_s=0.0, host_bound_s=0.0) for bound in (*GAP_BINS_US, None)]
+    gaps = []
+    end = device[0][1] if device else 0.0
+    previous = device[0][2] if device else ""
+    for start, stop, name, correlation in device[1:]:
+        gap = start - end
+        if gap > 0:
+            launched = launches.get(correlation)
+            host_bound = launched is not None and launched > end
+            slot = next(b for b in bins if b["up_to_us"] is None or gap <= b["up_to_us"])
+            slot["count"] += 1
+            slot["total_s"] += gap / 1e6
+            slot["host_bound_s"] += gap / 1e6 if host_bound else 0.0
+            gaps.append((gap, host_bound, previous, name))
+        if stop > end:
+            end, previous = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return dict(kernels=len(device), launches_seen=len(launches), bins=bins,
+                largest=[dict(us=g, host_bound=h, after=a[:80], before=b[:80]) for g, h, a, b in gaps[:largest]])
+
+
+def print_idle(idle: dict) -> None:
+    total = sum(b["total_s"] for b in idle["bins"])
+    host = sum(b["host_bound_s"] for b in idle["bins"])
+    print(f"  idle between {idle['kernels']} kernels: {total:.4f} s, {host:.4f} s of it waiting for the host "
+          f"({idle['launches_seen']} launches seen)")
+    low = 0
+    for b in idle["bins"]:
+        bound = "longer" if b["up_to_us"] is None else f"{low}-{b['up_to_us']} us"
+        print(f"    gaps {bound:>12s}: {b['count']:6d}, {b['total_s']:.4f} s ({b['host_bound_s']:.4f} s host-bound)")
+        low = b["up_to_us"]
+    for g in idle["largest"]:
+        print(f"    {g['us']:9.1f} us {'host ' if g['host_bound'] else 'queue'}  after {g['after']}  |  before {g['before']}")
 
 
 def main() -> None:

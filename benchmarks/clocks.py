@@ -1,0 +1,83 @@
+"""The GPU's SM clock and power while a benchmark runs, read by ``nvidia-smi`` (a query: nothing is set).
+
+A run whose kernels keep the GPU at its power limit is not sped up by removing idle time between them: the driver
+lowers the clock ("SW power cap") until the power fits, so the time follows the energy of the work. These samples
+say whether that is happening:
+
+    with ClockSampler() as clocks:
+        run()
+    print(clocks.summary())   # SM clock mean/min, the share of samples at the power cap, the power limit
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+
+FIELDS = "timestamp,power.draw,power.limit,clocks.sm,clocks.max.sm,clocks_event_reasons.active"
+SW_POWER_CAP = 0x4  # nvidia-smi's clock event reason: the clock is lowered to keep the board under its power limit
+
+
+class ClockSampler:
+    """Samples every ``interval_ms`` of the first GPU while the block runs; `summary` describes the samples taken
+    inside it. Without nvidia-smi it samples nothing and says so."""
+
+    def __init__(self, interval_ms: int = 20, gpu: int = 0) -> None:
+        self.interval_ms = interval_ms
+        self.gpu = gpu
+        self.samples: list[dict] = []
+        self._process = None
+        self._file = None
+        self._began = 0.0
+
+    def __enter__(self) -> ClockSampler:
+        if shutil.which("nvidia-smi") is None:
+            return self
+        self._file = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            ["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits",
+             "-lms", str(self.interval_ms)], stdout=self._file, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # its first sample comes after a start-up of its own
+        self._began = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is None:
+            return
+        ended = time.time()
+        self._process.terminate()
+        self._process.wait()
+        self._file.seek(0)
+        rows = [row for line in self._file if (row := _parse(line)) is not None]
+        self.samples = [row for row in rows if self._began <= row["at"] <= ended]  # the block's own
+        self._file.close()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return dict(samples=0)
+        clocks = [s["sm_mhz"] for s in self.samples]
+        capped = sum(bool(s["reasons"] & SW_POWER_CAP) for s in self.samples)
+        return dict(samples=len(self.samples), sm_mhz_mean=sum(clocks) / len(clocks), sm_mhz_min=min(clocks),
+                    sm_mhz_max_allowed=self.samples[0]["max_sm_mhz"], power_cap_share=capped / len(self.samples),
+                    power_limit_w=self.samples[0]["power_limit_w"])
+
+    def describe(self) -> str:
+        s = self.summary()
+        if not s["samples"]:
+            return "clocks: not sampled (no nvidia-smi)"
+        return (f"SM clock mean {s['sm_mhz_mean']:.0f} MHz, min {s['sm_mhz_min']:.0f} (of {s['sm_mhz_max_allowed']:.0f}); "
+                f"at the {s['power_limit_w']:.0f} W power cap in {100 * s['power_cap_share']:.0f}% of "
+                f"{s['samples']} samples")
+
+
+def _parse(line: str) -> dict | None:
+    parts = [part.strip() for part in line.split(",")]
+    try:
+        stamp, fraction = parts[0].split(".")
+        at = time.mktime(time.strptime(stamp, "%Y/%m/%d %H:%M:%S")) + float("0." + fraction)  # (local time)
+        return dict(at=at, power_w=float(parts[1]), power_limit_w=float(parts[2]), sm_mhz=float(parts[3]),
+                    max_sm_mhz=float(parts[4]), reasons=int(parts[5], 16))
+    except (IndexError, ValueError):
+        return None  # "[N/A]" fields, a cut-off last line
