@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from . import _masks
-from ._ring import cached_count, contiguous_runs, slot_of
+from ._ring import cached_count, contiguous_runs, index_lists
 
 
 class Phase(str, enum.Enum):
@@ -121,7 +121,8 @@ class StepPlan:
         key = ("indices", device)
         if key not in self._per_device:
             on_host = {name: self._host_indices[name] for name in PlanIndices._fields if not name.endswith("_runs")}
-            flat = torch.cat([values for values in on_host.values() if values is not None]).to(device, non_blocking=True)
+            host = torch.cat([values for values in on_host.values() if values is not None])
+            flat = host.to(device, non_blocking=True)
             parts, start = {}, 0
             for name, values in on_host.items():
                 parts[name] = None if values is None else flat[start : start + len(values)]
@@ -131,7 +132,7 @@ class StepPlan:
                 runs["write_runs"] = contiguous_runs(on_host["write_source"], on_host["write_slot"])
             if on_host["gather_slot"] is not None:
                 runs["held_runs"] = contiguous_runs(on_host["gather_slot"], on_host["gather_dest"])
-                chunk_rows = torch.arange(on_host["new_dest"].numel())
+                chunk_rows = torch.arange(on_host["new_dest"].numel(), device="cpu")
                 runs["new_runs"] = contiguous_runs(chunk_rows, on_host["new_dest"])
             self._per_device[key] = PlanIndices(**parts, **runs)
         return self._per_device[key]
@@ -215,7 +216,6 @@ def build_plan(
     capacity = window if capacity is None else capacity
     if capacity is None or (window is not None and capacity < window):
         raise ValueError(f"capacity {capacity} does not fit window {window}: a ring holds at least its window.")
-    ring = capacity if window is not None else None  # the slot modulus: the ring's size, or none (a global layer)
     q_seqlens, seen = tuple(q_seqlens), tuple(seen)
 
     if not any(seen):
@@ -233,7 +233,8 @@ def build_plan(
         kv_seqlens = tuple(cached_count(s + 1, window) for s in seen)
     else:
         kv_seqlens = tuple(cached_count(s, window) + n for s, n in zip(seen, q_seqlens))
-    host_indices = _host_indices(phase, window, ring, capacity, q_length, q_seqlens, seen)
+    host_indices = index_lists(window=window, capacity=capacity, q_length=q_length, q_seqlens=q_seqlens, seen=seen,
+                               decode=phase is Phase.DECODE, later_chunk=phase is Phase.SUBSEQUENT_PREFILL)
     return StepPlan(
         phase=phase,
         window=window,
@@ -245,43 +246,6 @@ def build_plan(
         seen=seen,
         _host_indices=host_indices,
     )
-
-
-def _runs_of(lengths: torch.Tensor, firsts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``firsts[b] .. firsts[b] + lengths[b] - 1`` for every ``b``, concatenated, and the ``b`` of each value."""
-    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    begins = torch.cumsum(lengths, 0) - lengths
-    return firsts[owner] + torch.arange(owner.numel()) - begins[owner], owner
-
-
-def _host_indices(phase: Phase, window: int | None, ring: int | None, capacity: int, q_length: int,
-                  q_seqlens: tuple[int, ...], seen: tuple[int, ...]) -> dict[str, torch.Tensor | None]:
-    """A plan's index lists as host tensors (`PlanIndices` names them), computed by whole-tensor arithmetic: a
-    chunk of thousands of tokens costs a few tensor operations, not a Python loop per token (which kept the GPU
-    waiting between chunks)."""
-    held = torch.tensor(seen, dtype=torch.long)
-    rows = torch.arange(held.numel()) * capacity  # each sequence's first row in the flat [B * capacity] storage
-    if phase is Phase.DECODE:  # one token a sequence, each in its row's next slot
-        return dict(query_index=None, write_source=torch.arange(held.numel()), write_slot=rows + slot_of(held, ring),
-                    gather_slot=None, gather_dest=None, new_dest=None)
-    n = torch.tensor(q_seqlens, dtype=torch.long)
-    starts = torch.cumsum(n, 0) - n  # where each sequence's tokens start among the packed queries
-    query_index = None
-    if any(count != q_length for count in q_seqlens):
-        query_index, _ = _runs_of(n, torch.arange(n.numel()) * q_length + q_length - n)
-    # Only the newest `ring` tokens of a long chunk are kept: writing more would put two tokens in one slot.
-    kept = cached_count(n, ring)
-    write_source, owner = _runs_of(kept, starts + n - kept)
-    write_slot = rows[owner] + slot_of(held[owner] + write_source - starts[owner], ring)
-    gather_slot = gather_dest = new_dest = None
-    if phase is Phase.SUBSEQUENT_PREFILL:
-        cached = cached_count(held, window)  # the window's tokens before this chunk, oldest first (unrotated)
-        kv_starts = torch.cumsum(cached + n, 0) - (cached + n)
-        gather_dest, owner = _runs_of(cached, kv_starts)
-        gather_slot = rows[owner] + slot_of(held[owner] - cached[owner] + gather_dest - kv_starts[owner], ring)
-        new_dest, _ = _runs_of(n, kv_starts + cached)
-    return dict(query_index=query_index, write_source=write_source, write_slot=write_slot, gather_slot=gather_slot,
-                gather_dest=gather_dest, new_dest=new_dest)
 
 
 def query_layout(padding_mask: torch.Tensor | None, batch_size: int, q_length: int) -> tuple[list[int], list[int] | None]:

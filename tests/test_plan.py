@@ -221,6 +221,20 @@ def test_index_lists_equal_the_per_token_formula():
             assert (None if got is None else got.tolist()) == expected, (name, window, capacity, q_seqlens, seen)
 
 
+def test_index_lists_stay_on_the_host_under_a_default_device():
+    """A user's ``torch.set_default_device`` (here the meta device, which holds no values) does not move the plan's
+    host arithmetic: its index lists are real CPU tensors, equal to those planned without it."""
+    options = dict(window=4, q_length=3, q_seqlens=[3, 1], seen=[6, 2])
+    with torch.device("meta"):
+        plan = build_plan(**options)
+    indices = plan.indices(torch.device("cpu"))
+    expected = build_plan(**options).indices(torch.device("cpu"))
+    for name in ("query_index", "write_source", "write_slot", "gather_slot", "gather_dest", "new_dest"):
+        assert getattr(indices, name).device.type == "cpu"
+        assert torch.equal(getattr(indices, name), getattr(expected, name)), name
+    assert indices.held_runs == expected.held_runs and indices.write_runs == expected.write_runs
+
+
 def moved_by_index(sources, destinations, rows):
     out = torch.full((rows,), -1, dtype=torch.long)
     out[destinations] = sources
