@@ -321,6 +321,14 @@ class SameProducts(CustomGraphPass):
     def uuid(self) -> bytes:  # (this pass writes `_narrow_products`' operators: its code is part of the key)
         return get_hash_for_files((__file__, str(Path(__file__).with_name("_narrow_products.py"))))
 
+    # Equal passes make equal compile options, and torch.compile reuses code compiled for another module only under
+    # an equal backend: every decoder layer shares the code of the first (else each compiles again, BACKEND_MATCH).
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.uuid() == self.uuid()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.uuid()))
+
 
 def _fold_residual_adds(graph: torch.fx.Graph) -> None:
     """``residual + product`` (a decoder layer's add after its down product; the o product's add falls in another
