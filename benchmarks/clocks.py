@@ -25,7 +25,7 @@ SW_POWER_CAP = 0x4  # nvidia-smi's clock event reason: the clock is lowered to k
 
 class ClockSampler:
     """Samples every ``interval_ms`` of the first GPU while the block runs; `summary` describes the samples taken
-    inside it. Without nvidia-smi it samples nothing and says so."""
+    inside it. Without samples (no nvidia-smi, or it stopped) `describe` says why."""
 
     def __init__(self, interval_ms: int = 20, gpu: int = 0) -> None:
         self.interval_ms = interval_ms
@@ -34,6 +34,7 @@ class ClockSampler:
         self._process = None
         self._file = None
         self._began = 0.0
+        self.why_none = "no nvidia-smi on this machine"  # what `describe` says when there are no samples
 
     def __enter__(self) -> ClockSampler:
         if shutil.which("nvidia-smi") is None:
@@ -41,9 +42,10 @@ class ClockSampler:
         self._file = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
             ["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits",
-             "-lms", str(self.interval_ms)], stdout=self._file, stderr=subprocess.DEVNULL)
+             "-lms", str(self.interval_ms)], stdout=self._file, stderr=subprocess.PIPE, text=True)
         waited = time.perf_counter()
-        while self._file.tell() == 0 and time.perf_counter() - waited < 5.0:  # its start-up (first samples) done
+        # wait for its start-up (the first samples written), unless it stopped (an older driver lacks a field)
+        while self._file.tell() == 0 and self._process.poll() is None and time.perf_counter() - waited < 5.0:
             time.sleep(0.05)
             self._file.seek(0, 2)
         self._began = time.time()
@@ -53,12 +55,18 @@ class ClockSampler:
         if self._process is None:
             return
         ended = time.time()
-        self._process.terminate()
-        self._process.wait()
+        stopped = self._process.poll()
+        if stopped is None:
+            self._process.terminate()
+        _, errors = self._process.communicate()
         self._file.seek(0)
         rows = [row for line in self._file if (row := _parse(line)) is not None]
         self.samples = [row for row in rows if self._began <= row["at"] <= ended]  # the block's own
         self._file.close()
+        if stopped is not None:
+            self.why_none = f"nvidia-smi stopped (exit {stopped}): {errors.strip()[:200]}"
+        elif not self.samples:
+            self.why_none = f"no sample inside the block ({len(rows)} outside it: shorter than {self.interval_ms} ms?)"
 
     def summary(self) -> dict:
         if not self.samples:
@@ -72,10 +80,10 @@ class ClockSampler:
     def describe(self) -> str:
         s = self.summary()
         if not s["samples"]:
-            return "clocks: not sampled (no nvidia-smi)"
-        return (f"SM clock mean {s['sm_mhz_mean']:.0f} MHz, min {s['sm_mhz_min']:.0f} (of {s['sm_mhz_max_allowed']:.0f}); "
-                f"at the {s['power_limit_w']:.0f} W power cap in {100 * s['power_cap_share']:.0f}% of "
-                f"{s['samples']} samples")
+            return f"clocks: not sampled ({self.why_none})"
+        return (f"SM clock mean {s['sm_mhz_mean']:.0f} MHz, min {s['sm_mhz_min']:.0f} "
+                f"(of {s['sm_mhz_max_allowed']:.0f}); at the {s['power_limit_w']:.0f} W power cap in "
+                f"{100 * s['power_cap_share']:.0f}% of {s['samples']} samples")
 
 
 def _parse(line: str) -> dict | None:

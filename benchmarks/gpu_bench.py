@@ -200,9 +200,10 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     elif path.startswith("rolling_graphs") and device.startswith("cuda"):
         # decode steps replay one captured CUDA graph per cache (compiled: with torch.compile-fused layers)
         hf_rolling_cache.release_cuda_graphs(model)
-        # Each path compiles afresh: equal compile options would otherwise let a path reuse the code of another
-        # whose variant (a patched pass) differed at trace time.
-        torch._dynamo.reset()
+        if getattr(model, "_bench_path", None) != path:
+            # Each path compiles afresh: equal compile options would otherwise let a path reuse the code of another
+            # whose variant (a patched pass) differed at trace time.
+            torch._dynamo.reset()
         compile = path.startswith("rolling_graphs_compiled")
         with contextlib.ExitStack() as built:
             if path.endswith("_unfused"):

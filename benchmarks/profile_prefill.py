@@ -123,7 +123,8 @@ def profile(model, prompt: int, chunk: int, top: int, layers=None, form: str = "
     for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"    {event.device_time_total / 1e6:7.3f}  x{event.count:<5d} [{kernel_class(event.key)}] {event.key[:110]}")
     print_idle(idle)
-    return dict(clocks=clocks.summary(), idle=idle, form=form, logits=logits, warm_up_s=warm_up_s, prompt=prompt, chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
+    return dict(clocks=clocks.summary(), idle=idle, form=form, logits=logits, warm_up_s=warm_up_s, prompt=prompt,
+                chunk=chunk, first_token_s=seconds, peak_above_weights_gib=peak_gib,
                 kernels_s=kernels_s, per_class_s=per_class, floors_s=floors, product_tflops=rate / 1e12,
                 bandwidth_tb_s=read_bandwidth() / 1e12)
 
@@ -152,7 +153,7 @@ def idle_time(prof, largest: int = 12) -> dict:
             launches[correlation] = event["ts"]
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and event.get("dur") is not None:
             device.append((event["ts"], event["ts"] + event["dur"], event.get("name", "?"), correlation))
-    device.sort()
+    device.sort(key=lambda event: (event[0], event[1]))
     bins = [dict(up_to_us=bound, count=0, total_s=0.0, host_bound_s=0.0) for bound in (*GAP_BINS_US, None)]
     gaps = []
     end = device[0][1] if device else 0.0
@@ -185,7 +186,8 @@ def print_idle(idle: dict) -> None:
         print(f"    gaps {bound:>12s}: {b['count']:6d}, {b['total_s']:.4f} s ({b['host_bound_s']:.4f} s host-bound)")
         low = b["up_to_us"]
     for g in idle["largest"]:
-        print(f"    {g['us']:9.1f} us {'host ' if g['host_bound'] else 'queue'}  after {g['after']}  |  before {g['before']}")
+        waited = "host " if g["host_bound"] else "queue"
+        print(f"    {g['us']:9.1f} us {waited}  after {g['after']}  |  before {g['before']}")
 
 
 def main() -> None:
@@ -203,6 +205,7 @@ def main() -> None:
     model.set_attn_implementation("rolling_xformers")
     rows = []
     for form in args.forms:
+        torch._dynamo.reset()  # each form compiles afresh (its warm-up counts it), as a new process would
         layers = CompiledLayers(model) if form.startswith("compiled") else None
         _cudnn.enabled = form != "compiled_flex"
         rows += [profile(model, args.prompt, chunk, args.top, layers, form) for chunk in args.chunk]

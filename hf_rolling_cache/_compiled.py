@@ -48,6 +48,8 @@ class CompiledLayers:
         self._linears = list({id(linear): linear for linear in linears}.values())  # a module shared by layers: once
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
         self._backend = backend
+        # one dict for every module's torch.compile: dynamo compares the backends at each lookup of the shared code
+        self._inductor_options = _inductor_options() if backend == "inductor" else None
         self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=self._options())
                           for m in modules]
         self.prefill = prefill  # prefill forwards run compiled too (`use_cuda_graphs(compile_prefill=True)`)
@@ -96,7 +98,7 @@ class CompiledLayers:
             yield
 
     def _options(self) -> dict | None:
-        return _inductor_options() if self._backend == "inductor" else None
+        return self._inductor_options
 
     def _layer_swaps(self, forwards: list) -> list[tuple]:
         """``forwards`` on the modules, and each attention's ``layer_idx`` as a tensor (see ``__init__``)."""

@@ -321,13 +321,14 @@ class SameProducts(CustomGraphPass):
     def uuid(self) -> bytes:  # (this pass writes `_narrow_products`' operators: its code is part of the key)
         return get_hash_for_files((__file__, str(Path(__file__).with_name("_narrow_products.py"))))
 
-    # Equal passes make equal compile options, and torch.compile reuses code compiled for another module only under
-    # an equal backend: every decoder layer shares the code of the first (else each compiles again, BACKEND_MATCH).
+    # torch.compile reuses code compiled for another module only under an equal backend, and inductor's backends are
+    # equal when their options are: any two of these passes do the same, so they compare equal, and a module compiled
+    # with options of its own shares the code of the first (else every layer compiles again: BACKEND_MATCH).
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.uuid() == self.uuid()
+        return type(other) is type(self)
 
     def __hash__(self) -> int:
-        return hash((type(self), self.uuid()))
+        return hash(type(self))
 
 
 def _fold_residual_adds(graph: torch.fx.Graph) -> None:

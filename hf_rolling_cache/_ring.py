@@ -53,7 +53,7 @@ def contiguous_runs(sources: torch.Tensor, destinations: torch.Tensor) -> tuple[
     return tuple((int(sources[a]), int(destinations[a]), b - a) for a, b in zip(edges, edges[1:]))
 
 
-def _runs_of(lengths: torch.Tensor, firsts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenated_ranges(lengths: torch.Tensor, firsts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``firsts[b] .. firsts[b] + lengths[b] - 1`` for every ``b``, concatenated, and the ``b`` of each value."""
     owner = torch.repeat_interleave(torch.arange(lengths.numel(), device="cpu"), lengths)
     begins = torch.cumsum(lengths, 0) - lengths
@@ -72,23 +72,24 @@ def index_lists(*, window: int | None, capacity: int, q_length: int, q_seqlens: 
     held = torch.tensor(seen, **host)
     rows = torch.arange(held.numel(), **host) * capacity  # each sequence's first storage row
     if decode:  # one token a sequence, each in its row's next slot
+        assert q_length == 1 and all(n == 1 for n in q_seqlens), "a decode step brings one token a sequence"
         return dict(query_index=None, write_source=torch.arange(held.numel(), **host),
                     write_slot=rows + slot_of(held, ring), gather_slot=None, gather_dest=None, new_dest=None)
     n = torch.tensor(q_seqlens, **host)
     starts = torch.cumsum(n, 0) - n  # where each sequence's tokens start among the packed queries
     query_index = None
     if any(count != q_length for count in q_seqlens):
-        query_index, _ = _runs_of(n, torch.arange(n.numel(), **host) * q_length + q_length - n)
+        query_index, _ = _concatenated_ranges(n, torch.arange(n.numel(), **host) * q_length + q_length - n)
     # Only the newest `ring` tokens of a long chunk are kept: writing more would put two tokens in one slot.
     kept = cached_count(n, ring)
-    write_source, owner = _runs_of(kept, starts + n - kept)
+    write_source, owner = _concatenated_ranges(kept, starts + n - kept)
     write_slot = rows[owner] + slot_of(held[owner] + write_source - starts[owner], ring)
     gather_slot = gather_dest = new_dest = None
     if later_chunk:
         cached = cached_count(held, window)  # the window's tokens before this chunk, oldest first (unrotated)
         kv_starts = torch.cumsum(cached + n, 0) - (cached + n)
-        gather_dest, owner = _runs_of(cached, kv_starts)
+        gather_dest, owner = _concatenated_ranges(cached, kv_starts)
         gather_slot = rows[owner] + slot_of(held[owner] - cached[owner] + gather_dest - kv_starts[owner], ring)
-        new_dest, _ = _runs_of(n, kv_starts + cached)
+        new_dest, _ = _concatenated_ranges(n, kv_starts + cached)
     return dict(query_index=query_index, write_source=write_source, write_slot=write_slot, gather_slot=gather_slot,
                 gather_dest=gather_dest, new_dest=new_dest)

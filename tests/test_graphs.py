@@ -83,10 +83,11 @@ def test_one_compiled_code_serves_every_layer():
 
 
 def test_layers_compiled_with_our_inductor_options_share_one_code(monkeypatch):
-    """The default backend, inductor with our options (a post-grad pass object): torch.compile reuses one layer's
-    code for the next only if their backends compare equal, so the pass must compare equal to a copy of itself, or
-    every layer compiles again (BACKEND_MATCH: 32 compilations of a 7B model's decode step and prefill). Inductor's
-    code generation is stubbed out (the graphs run as traced); its backend objects and their matching are real."""
+    """The default backend, inductor with our options (a post-grad pass object): torch.compile reuses one module's
+    code for another only if their backends compare equal. Every layer shares the first one's code (before: each
+    compiled again, BACKEND_MATCH, 32 compilations of a 7B model's decode step and prefill), and so does a second
+    `CompiledLayers` (its pass a copy, equal). Inductor's code generation is stubbed out (the graphs run as traced);
+    its backend objects and their matching are real."""
     import torch._inductor.compile_fx as compile_fx
 
     monkeypatch.setattr(compile_fx, "compile_fx", lambda graph, inputs, **options: graph.forward)
@@ -107,6 +108,12 @@ def test_layers_compiled_with_our_inductor_options_share_one_code(monkeypatch):
                                    rtol=0, atol=1e-5)
         graphs[layers] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs[5] == graphs[2] > 0, graphs  # (before: 43 graphs against 19)
+    # A second CompiledLayers (release_cuda_graphs, then use_cuda_graphs again) builds its own options, with a pass
+    # of its own: equal, so the code compiled for the first serves it.
+    compiled.release()
+    again, _, _ = decode_logits(model, input_ids, attention_mask, 2, CompiledLayers(model, prefill=True))
+    torch.testing.assert_close(again, eager, rtol=0, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs[5]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

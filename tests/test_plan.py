@@ -226,8 +226,7 @@ def test_index_lists_stay_on_the_host_under_a_default_device():
     host arithmetic: its index lists are real CPU tensors, equal to those planned without it."""
     options = dict(window=4, q_length=3, q_seqlens=[3, 1], seen=[6, 2])
     with torch.device("meta"):
-        plan = build_plan(**options)
-    indices = plan.indices(torch.device("cpu"))
+        indices = build_plan(**options).indices(torch.device("cpu"))
     expected = build_plan(**options).indices(torch.device("cpu"))
     for name in ("query_index", "write_source", "write_slot", "gather_slot", "gather_dest", "new_dest"):
         assert getattr(indices, name).device.type == "cpu"
