@@ -49,8 +49,8 @@ class CompiledLayers:
         self.groups = fuse_groups(model, list(layers))  # q/k/v and gate/up weights as rows of one buffer each
         self._backend = backend
         # one dict for every module's torch.compile: dynamo compares the backends at each lookup of the shared code
-        self._inductor_options = _inductor_options() if backend == "inductor" else None
-        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=self._options())
+        self._options = _inductor_options() if backend == "inductor" else None
+        self._compiled = [torch.compile(m.forward, backend=backend, dynamic=False, options=self._options)
                           for m in modules]
         self.prefill = prefill  # prefill forwards run compiled too (`use_cuda_graphs(compile_prefill=True)`)
         self._prefill = None  # compiled for prefill on first use (`prefill_swapped_in`)
@@ -91,14 +91,11 @@ class CompiledLayers:
         the attention cuDNN's or FlexAttention's (`_compiled_prefill`)."""
         if self._prefill is None:
             self._prefill = [
-                _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options()))
+                _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options))
                 for m in self.modules
             ]
         with self._recompile_limits(), distinct_sizes(), _installed(self._layer_swaps(self._prefill)), prefill_kernel():
             yield
-
-    def _options(self) -> dict | None:
-        return self._inductor_options
 
     def _layer_swaps(self, forwards: list) -> list[tuple]:
         """``forwards`` on the modules, and each attention's ``layer_idx`` as a tensor (see ``__init__``)."""
