@@ -128,6 +128,13 @@ def undone_steps(monkeypatch) -> list[int]:
     return undone
 
 
+@pytest.fixture(autouse=True)
+def compile_errors_raise(monkeypatch):
+    """Compiled layers that fail to compile raise in tests (users' runs fall back to eager code): a test of a compiled
+    path must not pass by running eagerly."""
+    monkeypatch.setattr("hf_rolling_cache._compiled.EAGER_ON_COMPILE_ERROR", False)
+
+
 @pytest.fixture
 def fresh_dynamo():
     """Dynamo's compiled code and counters emptied before and after (the compiled-layer tests count graphs)."""

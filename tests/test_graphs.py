@@ -116,6 +116,30 @@ def test_layers_compiled_with_our_inductor_options_share_one_code(monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs[5]
 
 
+def test_a_compilation_that_fails_runs_its_layers_eagerly(monkeypatch):
+    """A backend that fails (as inductor may on some model): the decode step and the prefill still give the eager
+    path's logits, the failing code run eagerly (with PyTorch's warning), not an exception in the user's generate."""
+    monkeypatch.setattr("hf_rolling_cache._compiled.EAGER_ON_COMPILE_ERROR", True)  # (as users run; tests raise)
+    failures = []
+
+    def failing(graph, inputs):
+        failures.append(graph)
+        raise RuntimeError("a compiler bug")
+
+    _, model = model_pair(tiny_config(WINDOW, layers=2))
+    input_ids, attention_mask = ragged_batch([7, 2, 5])
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    compiled = CompiledLayers(model, backend=failing, prefill=True)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    with torch.no_grad(), compiled.prefill_swapped_in():
+        cache = RollingSlidingWindowCache(config=model.config)
+        prefilled = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache).logits
+    torch.testing.assert_close(prefilled, model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               rtol=0, atol=1e-5)
+    assert failures, "the backend was never asked to compile"
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_compiled_layers_of_every_family_match_eager(name):
     """Each family's decoder layers compiled (sliding and global kinds, softcaps, sinks, per-layer extras) with
