@@ -110,9 +110,10 @@ class CompiledLayers:
         Unless dynamo was asked to raise at any recompilation (``error_on_recompile``, as tests do), which
         suppressing errors would swallow too."""
         limit = 8 * len(self.modules)
-        fall_back = EAGER_ON_COMPILE_ERROR and not torch._dynamo.config.error_on_recompile
-        return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit),
-                                          suppress_errors=fall_back)
+        config = torch._dynamo.config
+        fall_back = config.suppress_errors or (EAGER_ON_COMPILE_ERROR and not config.error_on_recompile)
+        return config.patch(recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit),
+                            suppress_errors=fall_back)  # (a user's own suppress_errors stays)
 
     def _narrow_swaps(self) -> list[tuple]:
         """A forward multiplying by our kernel (`_narrow_products`) for each plain product outside the fused groups
