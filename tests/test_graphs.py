@@ -82,6 +82,20 @@ def test_one_compiled_code_serves_every_layer():
     assert graphs[6] == graphs[2], graphs
 
 
+def assert_compiled_matches_eager(model, compiled, input_ids, attention_mask) -> torch.Tensor:
+    """Two decode steps through ``compiled`` and a prefill through its compiled prefill give the eager path's logits
+    (and Transformers' own, for the prefill); returns the eager decode logits."""
+    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
+    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    with torch.no_grad(), compiled.prefill_swapped_in():
+        cache = RollingSlidingWindowCache(config=model.config)
+        prefilled = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache).logits
+    torch.testing.assert_close(prefilled, model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               rtol=0, atol=1e-5)
+    return eager
+
+
 def test_layers_compiled_with_our_inductor_options_share_one_code(monkeypatch):
     """The default backend, inductor with our options (a post-grad pass object): torch.compile reuses one module's
     code for another only if their backends compare equal. Every layer shares the first one's code (before: each
@@ -98,14 +112,7 @@ def test_layers_compiled_with_our_inductor_options_share_one_code(monkeypatch):
         _, model = model_pair(tiny_config(WINDOW, layers=layers))
         compiled = CompiledLayers(model, prefill=True)
         input_ids, attention_mask = ragged_batch([7, 2, 5])
-        eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
-        got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
-        torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
-        with torch.no_grad(), compiled.prefill_swapped_in():
-            cache = RollingSlidingWindowCache(config=model.config)
-            prefilled = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache).logits
-        torch.testing.assert_close(prefilled, model(input_ids=input_ids, attention_mask=attention_mask).logits,
-                                   rtol=0, atol=1e-5)
+        eager = assert_compiled_matches_eager(model, compiled, input_ids, attention_mask)
         graphs[layers] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs[5] == graphs[2] > 0, graphs  # (before: 43 graphs against 19)
     # A second CompiledLayers (release_cuda_graphs, then use_cuda_graphs again) builds its own options, with a pass
@@ -128,15 +135,8 @@ def test_a_compilation_that_fails_runs_its_layers_eagerly(monkeypatch):
 
     _, model = model_pair(tiny_config(WINDOW, layers=2))
     input_ids, attention_mask = ragged_batch([7, 2, 5])
-    eager, _, _ = decode_logits(model, input_ids, attention_mask, 2)
-    compiled = CompiledLayers(model, backend=failing, prefill=True)
-    got, _, _ = decode_logits(model, input_ids, attention_mask, 2, compiled)
-    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
-    with torch.no_grad(), compiled.prefill_swapped_in():
-        cache = RollingSlidingWindowCache(config=model.config)
-        prefilled = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache).logits
-    torch.testing.assert_close(prefilled, model(input_ids=input_ids, attention_mask=attention_mask).logits,
-                               rtol=0, atol=1e-5)
+    assert_compiled_matches_eager(model, CompiledLayers(model, backend=failing, prefill=True), input_ids,
+                                  attention_mask)
     assert failures, "the backend was never asked to compile"
 
 
