@@ -73,6 +73,8 @@ PATHS = {
     # cudnn-frontend is installed, else FlexAttention); _flex: by FlexAttention either way (cuDNN's baseline)
     "rolling_graphs_compiled_prefill": ("rolling_xformers", rolling_cache, "window"),
     "rolling_graphs_compiled_prefill_flex": ("rolling_xformers", rolling_cache, "window"),
+    # compiled prefill, its last layer computing every row (as before `_kept_rows`): the baseline of that saving
+    "rolling_graphs_compiled_prefill_allrows": ("rolling_xformers", rolling_cache, "window"),
     # compiled, but each q/k/v and gate/up product separate (as before `_fused`): the fusion's baseline
     "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
     # compiled, decode attention by SDPA after a separate ring write (as before `_ring_decode`): the kernels' baseline
@@ -237,6 +239,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
             options.enter_context(mock.patch("hf_rolling_cache._all_reduce._pushed", lambda *args: False))
         if path.endswith("_unsharded"):
             options.enter_context(mock.patch("hf_rolling_cache._compiled.shard_of", lambda module: None))
+        if path.endswith("_allrows"):
+            options.enter_context(mock.patch("hf_rolling_cache.graphs.rows_read", lambda config, kwargs: None))
         if path.endswith("_nopdl"):
             options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,

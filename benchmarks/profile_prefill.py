@@ -31,6 +31,7 @@ from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._cudnn import _cudnn
+from hf_rolling_cache._kept_rows import rows_read
 
 CLASSES = (  # (class, substrings of kernel names), first match wins: prefill's own split (copies and index writes)
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
@@ -61,14 +62,17 @@ def matrix_rate(size: int = 8192) -> float:
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, chunk: int, layers=None) -> torch.Tensor:
     """The prompt chunk by chunk; ``layers`` (a `CompiledLayers`): its compiled prefill swapped in, as
-    ``use_cuda_graphs(model, compile=True)`` does for each chunk. The last token's logits."""
+    ``use_cuda_graphs(model, compile=True)`` does for each chunk (the last layer computing the last row only). The
+    last token's logits."""
     cache = RollingSlidingWindowCache(config=model.config)
     mask = torch.ones_like(ids)
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
-        with layers.prefill_swapped_in() if layers is not None else contextlib.nullcontext():
-            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
-                        logits_to_keep=1)
+        kwargs = dict(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+                      logits_to_keep=1)
+        kept = rows_read(model.config, kwargs)
+        with layers.prefill_swapped_in(kept) if layers is not None else contextlib.nullcontext():
+            out = model(**kwargs)
     return out.logits[:, -1].float()
 
 

@@ -14,6 +14,7 @@ import torch
 from . import _ring_decode
 from ._compiled_prefill import distinct_sizes, prefill_kernel
 from ._fused import SameProducts, fuse_groups, gated_swap, narrow_forward, narrow_launch, wrapped
+from ._kept_rows import last_layer_swaps
 from ._tp_products import agreed, local, shard_of
 from ._tp_products import swapped_in as sharded_products
 from .cache import RollingSlidingWindowCache
@@ -40,6 +41,7 @@ class CompiledLayers:
         if isinstance(norm, torch.nn.Module):
             modules.append(norm)
         self.modules = modules
+        self.layers = list(layers)
         # Every plain product of the step: the layers' and the head's (eager in the captured step, after the norm).
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         linears = [sub for m in modules for sub in m.modules() if type(sub) is torch.nn.Linear]
@@ -85,16 +87,21 @@ class CompiledLayers:
                 yield
 
     @contextlib.contextmanager
-    def prefill_swapped_in(self):
+    def prefill_swapped_in(self, rows_read: int | None = None):
         """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
-        the attention cuDNN's or FlexAttention's (`_compiled_prefill`)."""
+        the attention cuDNN's or FlexAttention's (`_compiled_prefill`). With ``rows_read`` (`_kept_rows.rows_read`:
+        the caller reads only the last so many positions' logits), the last decoder layer computes its products
+        after the keys and values for those rows only (`_kept_rows`; compiled as a code of its own)."""
         if self._prefill is None:
             self._prefill = [
                 _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options))
                 for m in self.modules
             ]
-        with self._compile_settings(), distinct_sizes(), _installed(self._layer_swaps(self._prefill)), prefill_kernel():
+        swaps = self._layer_swaps(self._prefill)
+        if rows_read is not None:
+            swaps += last_layer_swaps(self.layers[-1], rows_read)
+        with self._compile_settings(), distinct_sizes(), _installed(swaps), prefill_kernel():
             yield
 
     def _layer_swaps(self, forwards: list) -> list[tuple]:

@@ -19,7 +19,8 @@ the attention function stay eager (they are ``torch.compiler.disable``d, so each
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up. With
 ``compile_prefill=True`` prefill on one GPU runs the layers compiled too, for any number of tokens (dynamic shapes,
 compiled at the first prefill), its elementwise work fused, its attention by cuDNN's fused kernel where NVIDIA's
-cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`).
+cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`), and its last layer's products after the keys
+and values computed only for the positions whose logits are read (`_kept_rows`).
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
@@ -47,6 +48,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces, step_begins
 from ._compiled import CompiledLayers
+from ._kept_rows import rows_read
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -69,8 +71,8 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         compile_prefill: with ``compile``, prefill forwards on one GPU (inference, without gradients) run the
             compiled layers as well (their elementwise work fused; their token dimension dynamic) and attend, in
             bf16/fp16, with cuDNN's fused attention where NVIDIA's cudnn-frontend is installed (`_cudnn`: a 32k-token
-            prompt's first token about 28% sooner on an H100), else with FlexAttention (`_flex`: about 22%
-            sooner), for a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds
+            prompt's first token about 29% sooner on an H100), else with FlexAttention (`_flex`: about 22%
+            sooner), the last layer computing the rows read only (`_kept_rows`), for a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds
             PyTorch's compile caches), again at the first prompt of several 128-token tiles or chunks if the first
             had one, and at each new batch size. Worth it for long prompts, or many.
     """
@@ -106,7 +108,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         if compiled is not None and not args and _compiled_prefill(placement, cache, kwargs, compiled):
-            with compiled.prefill_swapped_in():
+            with compiled.prefill_swapped_in(rows_read(model.config, kwargs)):
                 return eager_forward(**kwargs)
         return eager_forward(*args, **kwargs)
 

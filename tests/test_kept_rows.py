@@ -1,0 +1,154 @@
+"""The compiled prefill's last layer computing only the rows that are read (`hf_rolling_cache._kept_rows`): when it
+applies, that it gives Transformers' logits where they are read and a cache that decodes as Transformers does, and
+that the rows not read were really not computed."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from hf_rolling_cache import RollingSlidingWindowCache
+from hf_rolling_cache._compiled import CompiledLayers
+from hf_rolling_cache._kept_rows import last_layer_swaps, rows_read
+from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.test_flex import OnCuda, flex_on_cpu  # noqa: F401 - a fixture
+
+
+def test_rows_read_only_where_nothing_but_the_last_logits_is_read():
+    config = tiny_config(5)
+    assert rows_read(config, {"logits_to_keep": 1}) == 1
+    assert rows_read(config, {"logits_to_keep": 3, "output_hidden_states": False}) == 3
+    assert rows_read(config, {}) is None  # (Transformers' default, 0: every position's logits)
+    assert rows_read(config, {"logits_to_keep": 0}) is None
+    assert rows_read(config, {"logits_to_keep": True}) is None
+    assert rows_read(config, {"logits_to_keep": torch.tensor([0, 2])}) is None  # chosen positions: all computed
+    assert rows_read(config, {"logits_to_keep": 1, "output_hidden_states": True}) is None
+    assert rows_read(config, {"logits_to_keep": 1, "output_attentions": True}) is None
+    assert rows_read(config, {"logits_to_keep": 1, "labels": torch.zeros(1, 4, dtype=torch.long)}) is None
+    asking = copy.deepcopy(config)
+    asking.output_hidden_states = True  # asked by the config: every forward returns them
+    assert rows_read(asking, {"logits_to_keep": 1}) is None
+    assert rows_read(asking, {"logits_to_keep": 1, "output_hidden_states": False}) == 1
+
+
+def test_the_last_layer_keeps_its_query_output_and_mlp_products_unless_someone_wraps_them():
+    _, model = model_pair(tiny_config(5))
+    layer = model.model.layers[-1]
+    swapped = {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+    assert swapped == {layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp}  # (k and v: every row)
+    handle = layer.mlp.register_forward_hook(lambda *args: None)
+    try:
+        swapped = {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+        assert layer.mlp not in swapped and layer.self_attn.o_proj in swapped
+    finally:
+        handle.remove()
+    layer.mlp.register_parameter("router_scale", torch.nn.Parameter(torch.ones(3)))  # a parameter of its own
+    assert layer.mlp not in {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+
+
+class LayerChanges:
+    """What each decoder layer adds to its input hidden states, per forward (a hook around the compiled forward)."""
+
+    def __init__(self, model) -> None:
+        self.added = {index: [] for index in range(len(model.model.layers))}
+        self.handles = [
+            layer.register_forward_hook(self.hook(index), with_kwargs=True)
+            for index, layer in enumerate(model.model.layers)
+        ]
+
+    def hook(self, index):
+        def record(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            output = output[0] if isinstance(output, tuple) else output
+            self.added[index].append((output - hidden).float())
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def same_at_every_position(added: torch.Tensor) -> bool:
+    """(Up to rounding: ``(x + a) + b - x`` is not exactly ``a + b``. A layer that computes every row adds
+    different amounts at different positions, by far more.)"""
+    return torch.allclose(added, added[:, -1:].expand_as(added), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_from_one_row_of_the_last_layer(
+        name, flex_on_cpu, fresh_dynamo):
+    """A ragged, left-padded prompt in chunks through the compiled prefill with ``logits_to_keep=1``: each chunk's
+    last logits are Transformers', the cache then decodes as Transformers does, and the last layer added the same
+    to every position of a chunk (its products after the keys and values ran for the last row only), while the
+    layers before it did not (nor the last one, when every row is read)."""
+    from tests.families import build
+
+    if name == "mistral":
+        reference, rolling = model_pair(tiny_config(5, layers=2))
+    else:  # sliding and global layers, q/k norms, norms after attention and MLP
+        reference = build(name, window=5, seed=1)
+        rolling = copy.deepcopy(reference)
+        rolling.set_attn_implementation("rolling_xformers")
+    input_ids, attention_mask = ragged_batch([13, 2, 9], vocab=97, seed=4)
+    layers, cache = CompiledLayers(rolling), RollingSlidingWindowCache(config=rolling.config)
+    changes = LayerChanges(rolling)
+    try:
+        for start in range(0, input_ids.shape[1], 4):
+            end = min(input_ids.shape[1], start + 4)
+            kwargs = dict(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                          past_key_values=cache, logits_to_keep=1)
+            with layers.prefill_swapped_in(rows_read(rolling.config, kwargs)):
+                ours = rolling(**kwargs).logits[:, -1].float()
+            theirs = reference(input_ids=input_ids[:, :end], attention_mask=attention_mask[:, :end]).logits[:, -1]
+            real = attention_mask[:, end - 1].bool()
+            torch.testing.assert_close(ours[real], theirs.float()[real], rtol=0, atol=1e-4)
+        last, first = changes.added[len(rolling.model.layers) - 1], changes.added[0]
+        assert all(same_at_every_position(added) for added in last if added.shape[1] > 1)
+        assert not any(same_at_every_position(added) for added in first if added.shape[1] > 1)
+        # the same forward with every row read: the last layer computes every row
+        with layers.prefill_swapped_in(rows_read(rolling.config, {})):
+            rolling(input_ids=input_ids[:, :4], attention_mask=attention_mask[:, :4],
+                    past_key_values=RollingSlidingWindowCache(config=rolling.config))
+        assert not same_at_every_position(last[-1])
+    finally:
+        changes.remove()
+    column = torch.tensor([[5], [6], [7]])
+    attention_mask = torch.cat([attention_mask, torch.ones_like(column)], dim=1)
+    step = rolling(input_ids=column, attention_mask=attention_mask, past_key_values=cache).logits[:, -1]
+    full = reference(input_ids=torch.cat([input_ids, column], dim=1), attention_mask=attention_mask).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
+    assert all("forward" not in vars(module) for module in rolling.modules())  # nothing of ours left behind
+
+
+@torch.no_grad()
+def test_generate_with_the_compiled_prefill_computes_one_row_of_the_last_layer_and_gives_transformers_tokens(
+        flex_on_cpu, fresh_dynamo, monkeypatch):
+    """Through ``use_cuda_graphs(compile=True, compile_prefill=True)`` and generate's chunked prefill (made to run on
+    CPU tensors): the prompt's chunks compute one row of the last layer, and the tokens are Transformers'."""
+    from hf_rolling_cache import graphs, release_cuda_graphs, use_cuda_graphs
+
+    compiled_prefill = graphs._compiled_prefill
+    monkeypatch.setattr(graphs, "_compiled_prefill", lambda placement, cache, kwargs, compiled: compiled_prefill(
+        placement, cache, {**kwargs, "input_ids": OnCuda(shape=kwargs["input_ids"].shape)}, compiled))
+    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
+    reference, rolling = model_pair(tiny_config(6, layers=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no CUDA here: decode steps eager)
+        use_cuda_graphs(rolling, compile=True, compile_prefill=True)
+    input_ids, attention_mask = ragged_batch([23, 5, 17], vocab=97, seed=7)
+    changes = LayerChanges(rolling)
+    try:
+        ours = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                                pad_token_id=0, prefill_chunk_size=8,
+                                past_key_values=RollingSlidingWindowCache(config=rolling.config))
+    finally:
+        changes.remove()
+        release_cuda_graphs(rolling)
+    theirs = reference.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4,
+                                do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    prefill = [added for added in changes.added[1] if added.shape[1] > 1]
+    assert len(prefill) == 3 and all(same_at_every_position(added) for added in prefill)
+    assert not any(same_at_every_position(added) for added in changes.added[0] if added.shape[1] > 1)
