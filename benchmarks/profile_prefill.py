@@ -70,7 +70,7 @@ def prefill(model, ids: torch.Tensor, chunk: int, layers=None) -> torch.Tensor:
         end = min(start + chunk, ids.shape[1])
         kwargs = dict(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
                       logits_to_keep=1)
-        kept = rows_read(model.config, kwargs)
+        kept = rows_read(model, kwargs)
         with layers.prefill_swapped_in(kept) if layers is not None else contextlib.nullcontext():
             out = model(**kwargs)
     return out.logits[:, -1].float()

@@ -6,7 +6,7 @@ layer, every product that comes after the keys and values and works position by 
 attention's output projection, the MLP) only has to compute the rows that are read: in a 32-layer 7B model, about 3%
 of a prompt's arithmetic. The other rows of those products' outputs are the kept rows broadcast (a view, no copy):
 whatever the layer computes from them is never read. Exact for the rows read; never where anything else reads the
-layer's output (hidden states, attentions, a loss over ``labels``).
+layer's rows (hidden states, attentions, router logits, a loss over ``labels``, a hook on the layer or inside it).
 """
 
 from __future__ import annotations
@@ -15,59 +15,70 @@ import types
 
 import torch
 
-from ._fused import wrapped
+from ._fused import _global_hooks, _hooked
 
 _ROWS = "_hf_rolling_cache_kept_rows"
 
+# What a forward can be asked to return beyond its logits, each read from every position of some layer's output
+# (Transformers' own cut of a layer's rows, Gemma 4's shared key/value layers, stops for the same three).
+_OTHER_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
-def rows_read(config, kwargs: dict) -> int | None:
-    """How many of a forward's last positions the caller reads from its last layer's output, when that is all it
-    reads: ``logits_to_keep`` as a positive int (generate passes 1), without hidden states, attentions or labels
-    asked for (by argument or by the model's config). None: every row is read."""
+
+def rows_read(model: torch.nn.Module, kwargs: dict) -> int | None:
+    """1 where a forward's caller reads only its last position's logits: ``logits_to_keep=1`` (as generate's
+    prefill asks), without labels or any other output asked for, by argument or by the model's config or its
+    decoder's (a vision-language model's text config). None: every row is read. Other counts of rows are left
+    whole (assisted decoding asks for each draft's rows: nothing to save, and each count would compile again)."""
     keep = kwargs.get("logits_to_keep")
-    if type(keep) is not int or keep < 1 or kwargs.get("labels") is not None:
+    if type(keep) is not int or keep != 1:
         return None
-    for name in ("output_hidden_states", "output_attentions"):
-        asked = kwargs.get(name)
-        if asked or (asked is None and getattr(config, name, False)):
+    if kwargs.get("labels") is not None:
+        return None
+    if any(kwargs.get(name) for name in kwargs if name.startswith("output_")):
+        return None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    configs = [model.config, getattr(decoder, "config", None)]
+    for name in _OTHER_OUTPUTS:
+        if kwargs.get(name) is None and any(getattr(config, name, False) for config in configs):
             return None
-    return keep
+    return 1
 
 
 def last_layer_swaps(layer: torch.nn.Module, rows: int) -> list[tuple]:
     """``(module, name, value)`` swaps that make ``layer`` compute its query projection, its attention's output
-    projection and its MLP for the last ``rows`` positions only. A module is left whole where someone else's code
-    runs around it (a hook, a forward of its own), or, for the MLP, where it holds parameters outside ``nn.Linear``
-    modules (a mixture of experts with a layout of its own: not known to work token by token)."""
+    projection and its MLP for the last ``rows`` positions only. None at all where someone else's code would see the
+    layer's rows (a hook on it or on any module inside it, a forward of its own, a global hook); the MLP only where
+    it is a dense one (its parameters all in ``nn.Linear`` children of its own: not a mixture of experts, whose
+    routing may not work token by token, and whose router logits a caller may read)."""
+    if _global_hooks() or any(_hooked(sub) or "forward" in vars(sub) for sub in layer.modules()):
+        return []
     attention = getattr(layer, "self_attn", None)
     candidates = [getattr(attention, "q_proj", None), getattr(attention, "o_proj", None)]
     candidates = [c for c in candidates if type(c) is torch.nn.Linear]
     mlp = getattr(layer, "mlp", None)
-    if isinstance(mlp, torch.nn.Module) and _products_only(mlp):
+    if isinstance(mlp, torch.nn.Module) and _dense(mlp):
         candidates.append(mlp)
     swaps = []
     for module in candidates:
-        if not wrapped(module):
-            swaps += [(module, _ROWS, rows), (module, "forward", types.MethodType(_kept_rows_forward, module))]
+        swaps += [(module, _ROWS, rows), (module, "forward", types.MethodType(_kept_rows_forward, module))]
     return swaps
 
 
-def _products_only(module: torch.nn.Module) -> bool:
-    """Every parameter of ``module`` belongs to an ``nn.Linear`` (a dense MLP, or one of token-wise experts)."""
-    owners = [sub for sub in module.modules() if any(True for _ in sub.parameters(recurse=False))]
-    return bool(owners) and all(type(sub) is torch.nn.Linear for sub in owners)
+def _dense(mlp: torch.nn.Module) -> bool:
+    """Every parameter of ``mlp`` belongs to an ``nn.Linear`` child of its own (a dense MLP: no experts)."""
+    owners = [sub for sub in mlp.modules() if any(True for _ in sub.parameters(recurse=False))]
+    children = set(map(id, mlp.children()))
+    return bool(owners) and all(type(sub) is torch.nn.Linear and id(sub) in children for sub in owners)
 
 
 def _kept_rows_forward(self: torch.nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The module's own forward over the last rows of ``hidden`` ([batch, tokens, features]), broadcast to every
-    row."""
+    row (the rows before them are never read)."""
     rows = getattr(self, _ROWS)
     forward = type(self).forward
     if hidden.dim() != 3 or hidden.shape[1] <= rows:
         return forward(self, hidden, *args, **kwargs)
     kept = forward(self, hidden[:, -rows:], *args, **kwargs)
-    if rows == 1:
-        return kept.expand(hidden.shape[0], hidden.shape[1], kept.shape[-1])
-    # several rows: the rows before them repeat the first (never read either)
-    filler = kept[:, :1].expand(hidden.shape[0], hidden.shape[1] - rows, kept.shape[-1])
-    return torch.cat([filler, kept], dim=1)
+    if not isinstance(kept, torch.Tensor) or kept.dim() != 3:
+        return forward(self, hidden, *args, **kwargs)  # not a plain product's output: computed whole
+    return kept.expand(hidden.shape[0], hidden.shape[1], kept.shape[-1])

@@ -108,7 +108,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         if not args and _replayable(placement, cache, kwargs):
             return _decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         if compiled is not None and not args and _compiled_prefill(placement, cache, kwargs, compiled):
-            with compiled.prefill_swapped_in(rows_read(model.config, kwargs)):
+            with compiled.prefill_swapped_in(rows_read(model, kwargs)):
                 return eager_forward(**kwargs)
         return eager_forward(*args, **kwargs)
 

@@ -141,3 +141,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """FlexAttention for the compiled prefill on CPU tensors too, counting its calls."""
+    from hf_rolling_cache import _flex
+    from hf_rolling_cache._compiled_prefill import active
+
+    calls = []
+    flex_packed = _flex.flex_packed
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return flex_packed(*args)
+
+    monkeypatch.setattr("hf_rolling_cache.attention.flex_applies",
+                        lambda query, softcap, sinks: active() and softcap is None and sinks is None
+                        and not _flex._flex.refused)
+    monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", counted)
+    return calls

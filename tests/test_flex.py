@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_rolling_cache import _cudnn, _flex
-from hf_rolling_cache._compiled_prefill import active, prefill_kernel
+from hf_rolling_cache._compiled_prefill import prefill_kernel
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._kernels import dense_attention, exact_kernels
 from hf_rolling_cache._plan import build_plan
@@ -175,23 +175,6 @@ def test_the_compiled_prefill_is_for_inference_only(monkeypatch):
         assert not graphs._compiled_prefill(placement, cache, kwargs, SimpleNamespace(prefill=False, sharded=False))
     with torch.enable_grad():
         assert not graphs._compiled_prefill(placement, cache, kwargs, compiled)
-
-
-@pytest.fixture
-def flex_on_cpu(monkeypatch):
-    """FlexAttention for the compiled prefill on CPU tensors too, counting its calls."""
-    calls = []
-    flex_packed = _flex.flex_packed
-
-    def counted(*args):
-        calls.append(args[0].shape[0])
-        return flex_packed(*args)
-
-    monkeypatch.setattr("hf_rolling_cache.attention.flex_applies",
-                        lambda query, softcap, sinks: active() and softcap is None and sinks is None
-                        and not _flex._flex.refused)
-    monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", counted)
-    return calls
 
 
 @torch.no_grad()

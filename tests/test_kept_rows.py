@@ -3,6 +3,7 @@ applies, that it gives Transformers' logits where they are read and a cache that
 that the rows not read were really not computed."""
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -12,57 +13,113 @@ from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._kept_rows import last_layer_swaps, rows_read
 from tests.conftest import model_pair, ragged_batch, tiny_config
-from tests.test_flex import OnCuda, flex_on_cpu  # noqa: F401 - a fixture
+from tests.test_flex import OnCuda
+
+
+class Composite(torch.nn.Module):
+    """A model whose decoder has a config of its own (a vision-language model's text config)."""
+
+    def __init__(self, config, text_config) -> None:
+        super().__init__()
+        self.config, self.decoder = config, torch.nn.Module()
+        self.decoder.config = text_config
+
+    def get_decoder(self):
+        return self.decoder
 
 
 def test_rows_read_only_where_nothing_but_the_last_logits_is_read():
-    config = tiny_config(5)
-    assert rows_read(config, {"logits_to_keep": 1}) == 1
-    assert rows_read(config, {"logits_to_keep": 3, "output_hidden_states": False}) == 3
-    assert rows_read(config, {}) is None  # (Transformers' default, 0: every position's logits)
-    assert rows_read(config, {"logits_to_keep": 0}) is None
-    assert rows_read(config, {"logits_to_keep": True}) is None
-    assert rows_read(config, {"logits_to_keep": torch.tensor([0, 2])}) is None  # chosen positions: all computed
-    assert rows_read(config, {"logits_to_keep": 1, "output_hidden_states": True}) is None
-    assert rows_read(config, {"logits_to_keep": 1, "output_attentions": True}) is None
-    assert rows_read(config, {"logits_to_keep": 1, "labels": torch.zeros(1, 4, dtype=torch.long)}) is None
-    asking = copy.deepcopy(config)
-    asking.output_hidden_states = True  # asked by the config: every forward returns them
-    assert rows_read(asking, {"logits_to_keep": 1}) is None
-    assert rows_read(asking, {"logits_to_keep": 1, "output_hidden_states": False}) == 1
+    _, model = model_pair(tiny_config(5))
+    assert rows_read(model, {"logits_to_keep": 1}) == 1
+    assert rows_read(model, {"logits_to_keep": 1, "output_hidden_states": False}) == 1
+    assert rows_read(model, {}) is None  # (Transformers' default, 0: every position's logits)
+    assert rows_read(model, {"logits_to_keep": 0}) is None
+    assert rows_read(model, {"logits_to_keep": True}) is None
+    assert rows_read(model, {"logits_to_keep": 3}) is None  # (assisted decoding's drafts: every count compiles)
+    assert rows_read(model, {"logits_to_keep": torch.tensor([0, 2])}) is None  # chosen positions: all computed
+    assert rows_read(model, {"logits_to_keep": torch.tensor(1)}) is None
+    for name in ("output_hidden_states", "output_attentions", "output_router_logits", "output_anything_else"):
+        assert rows_read(model, {"logits_to_keep": 1, name: True}) is None, name
+    assert rows_read(model, {"logits_to_keep": 1, "labels": torch.zeros(1, 4, dtype=torch.long)}) is None
+    plain = types.SimpleNamespace()
+    for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
+        asking = types.SimpleNamespace(**{name: True})  # asked by the config: every forward returns them
+        assert rows_read(Composite(asking, plain), {"logits_to_keep": 1}) is None, name
+        assert rows_read(Composite(plain, asking), {"logits_to_keep": 1}) is None, name  # the decoder's
+        assert rows_read(Composite(asking, asking), {"logits_to_keep": 1, name: False}) == 1, name
+    assert rows_read(Composite(plain, plain), {"logits_to_keep": 1}) == 1
 
 
-def test_the_last_layer_keeps_its_query_output_and_mlp_products_unless_someone_wraps_them():
+def swapped(layer) -> set:
+    return {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+
+
+def test_the_last_layer_keeps_its_query_output_and_mlp_products_unless_someone_sees_its_rows():
     _, model = model_pair(tiny_config(5))
     layer = model.model.layers[-1]
-    swapped = {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
-    assert swapped == {layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp}  # (k and v: every row)
-    handle = layer.mlp.register_forward_hook(lambda *args: None)
+    assert swapped(layer) == {layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp}  # (k and v: every row)
+    for module in (layer, layer.mlp, layer.mlp.down_proj, layer.self_attn.k_proj):  # a hook anywhere in the layer
+        handle = module.register_forward_hook(lambda *args: None)
+        try:
+            assert swapped(layer) == set(), module
+        finally:
+            handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)  # a global hook
     try:
-        swapped = {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
-        assert layer.mlp not in swapped and layer.self_attn.o_proj in swapped
+        assert swapped(layer) == set()
     finally:
         handle.remove()
-    layer.mlp.register_parameter("router_scale", torch.nn.Parameter(torch.ones(3)))  # a parameter of its own
-    assert layer.mlp not in {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+    assert swapped(layer) == {layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp}
+    layer.mlp.register_parameter("scale", torch.nn.Parameter(torch.ones(3)))  # a parameter of its own
+    assert swapped(layer) == {layer.self_attn.q_proj, layer.self_attn.o_proj}
+
+
+def test_a_mixture_of_experts_keeps_its_mlp_whole():
+    """Experts as ``nn.Linear`` modules too (not children of the MLP itself): routing may not work token by token,
+    and a caller may read the router's logits."""
+    from tests.families import build
+
+    model = build("qwen2_moe", window=5, seed=1)  # (experts as parameters of a module of their own)
+    layer = model.get_decoder().layers[-1]
+    assert layer.mlp not in swapped(layer) and layer.self_attn.o_proj in swapped(layer)
+    _, model = model_pair(tiny_config(5))
+    layer = model.model.layers[-1]
+    mlp = torch.nn.Module()  # a router and experts, every parameter in an nn.Linear
+    mlp.gate = torch.nn.Linear(64, 2, bias=False)
+    mlp.experts = torch.nn.ModuleList(copy.deepcopy(layer.mlp) for _ in range(2))
+    layer.mlp = mlp
+    assert mlp not in swapped(layer) and layer.self_attn.o_proj in swapped(layer)
 
 
 class LayerChanges:
-    """What each decoder layer adds to its input hidden states, per forward (a hook around the compiled forward)."""
+    """What the first and the last decoder layer add to their input hidden states, per forward. A hook on the last
+    layer (or inside it) would see its rows, so it would keep them all: its input is read from a hook on the layer
+    before it, its output from one on the final norm."""
 
     def __init__(self, model) -> None:
-        self.added = {index: [] for index in range(len(model.model.layers))}
+        decoder = model.get_decoder()
+        self.first, self.last = [], []
         self.handles = [
-            layer.register_forward_hook(self.hook(index), with_kwargs=True)
-            for index, layer in enumerate(model.model.layers)
+            decoder.layers[0].register_forward_hook(self.first_layer, with_kwargs=True),
+            decoder.layers[-2].register_forward_hook(self.before_last, with_kwargs=True),
+            decoder.norm.register_forward_pre_hook(self.after_last),
         ]
+        self.last_input = None
 
-    def hook(self, index):
-        def record(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            output = output[0] if isinstance(output, tuple) else output
-            self.added[index].append((output - hidden).float())
-        return record
+    @staticmethod
+    def states(args, kwargs, output=None):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden, output[0] if isinstance(output, tuple) else output
+
+    def first_layer(self, module, args, kwargs, output):
+        hidden, output = self.states(args, kwargs, output)
+        self.first.append((output - hidden).float())
+
+    def before_last(self, module, args, kwargs, output):
+        self.last_input = self.states(args, kwargs, output)[1]
+
+    def after_last(self, module, args):
+        self.last.append((args[0] - self.last_input).float())
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -99,16 +156,16 @@ def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_fro
             end = min(input_ids.shape[1], start + 4)
             kwargs = dict(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
                           past_key_values=cache, logits_to_keep=1)
-            with layers.prefill_swapped_in(rows_read(rolling.config, kwargs)):
+            with layers.prefill_swapped_in(rows_read(rolling, kwargs)):
                 ours = rolling(**kwargs).logits[:, -1].float()
             theirs = reference(input_ids=input_ids[:, :end], attention_mask=attention_mask[:, :end]).logits[:, -1]
             real = attention_mask[:, end - 1].bool()
             torch.testing.assert_close(ours[real], theirs.float()[real], rtol=0, atol=1e-4)
-        last, first = changes.added[len(rolling.model.layers) - 1], changes.added[0]
+        last, first = changes.last, changes.first
         assert all(same_at_every_position(added) for added in last if added.shape[1] > 1)
         assert not any(same_at_every_position(added) for added in first if added.shape[1] > 1)
         # the same forward with every row read: the last layer computes every row
-        with layers.prefill_swapped_in(rows_read(rolling.config, {})):
+        with layers.prefill_swapped_in(rows_read(rolling, {})):
             rolling(input_ids=input_ids[:, :4], attention_mask=attention_mask[:, :4],
                     past_key_values=RollingSlidingWindowCache(config=rolling.config))
         assert not same_at_every_position(last[-1])
@@ -149,6 +206,6 @@ def test_generate_with_the_compiled_prefill_computes_one_row_of_the_last_layer_a
     theirs = reference.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4,
                                 do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
-    prefill = [added for added in changes.added[1] if added.shape[1] > 1]
+    prefill = [added for added in changes.last if added.shape[1] > 1]
     assert len(prefill) == 3 and all(same_at_every_position(added) for added in prefill)
-    assert not any(same_at_every_position(added) for added in changes.added[0] if added.shape[1] > 1)
+    assert not any(same_at_every_position(added) for added in changes.first if added.shape[1] > 1)
