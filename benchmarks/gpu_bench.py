@@ -1,7 +1,7 @@
 """Rolling cache + attention against Transformers' own caches: decode speed, prefill time and memory.
 
     python benchmarks/gpu_bench.py decode  --batch 1 8 --prompt 6000 --new 128
-    python benchmarks/gpu_bench.py prefill --batch 1 --prompt 32768
+    python benchmarks/gpu_bench.py prefill --batch 1 --prompt 32768 [--repeat 5]
     python benchmarks/gpu_bench.py sweep   --new 16384 --every 1024 [--compile]
     python benchmarks/gpu_bench.py grid    --batch 1 8 32 --prompt 2048 8192 32768
     python benchmarks/gpu_bench.py decode --tiny      # a small random model, runs on CPU in seconds
@@ -22,6 +22,7 @@ import contextlib
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -109,7 +110,8 @@ class Result:
     batch: int
     prompt: int
     new_tokens: int
-    ttft_s: float | None = None
+    ttft_s: float | None = None  # the median of ttft_runs_s where --repeat asked for several
+    ttft_runs_s: list[float] | None = None
     decode_tok_s: float | None = None
     peak_above_weights_gib: float | None = None
     resident_above_weights_gib: float | None = None  # allocated before the run (workspaces, graphs of earlier rows)
@@ -251,11 +253,13 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
     return time.perf_counter() - start, cache
 
 
-def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth_tb_s=None) -> Result:
-    """Time to first token and peak memory from a 1-token generation; decode speed from the times between
-    tokens of a longer one, past its first decode step. Graph paths first warm up at this batch size
-    (compilation happens once per batch size): reported, not counted. With ``bandwidth_tb_s``, the decode floor:
-    ``batch`` tokens per (every weight + the whole cache) / bandwidth."""
+def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth_tb_s=None,
+            repeat: int = 1) -> Result:
+    """Time to first token and peak memory from a 1-token generation (the median of ``repeat`` of them, each
+    listed in ``ttft_runs_s``: a 32k prompt's first token varies by several percent from run to run on one H100);
+    decode speed from the times between tokens of a longer one, past its first decode step. Graph paths first warm
+    up at this batch size (compilation happens once per batch size): reported, not counted. With
+    ``bandwidth_tb_s``, the decode floor: ``batch`` tokens per (every weight + the whole cache) / bandwidth."""
     result = Result(path, batch, prompt, new_tokens)
     input_ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     try:
@@ -265,14 +269,20 @@ def measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandw
             del warm_cache  # its rings and captured graph
         if "_compiled_prefill" in path:  # its compilations for a first, a later and a last, shorter chunk: not counted
             run_generate(model, path, input_ids[:, : 2 * model.config.sliding_window + 1], 1, device)
-        gc.collect()  # drop the last measurement's caches (and any captured graph) before reading the peak
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            result.resident_above_weights_gib = (torch.cuda.memory_allocated() - weights_bytes) / 2**30
-        result.ttft_s, _ = run_generate(model, path, input_ids, 1, device)
-        if device.startswith("cuda"):
-            result.peak_above_weights_gib = (torch.cuda.max_memory_allocated() - weights_bytes) / 2**30
+        runs = []
+        for _ in range(repeat):
+            gc.collect()  # drop the last measurement's caches (and any captured graph) before reading the peak
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                result.resident_above_weights_gib = (torch.cuda.memory_allocated() - weights_bytes) / 2**30
+            seconds, _ = run_generate(model, path, input_ids, 1, device)
+            runs.append(seconds)
+            if device.startswith("cuda"):
+                peak = (torch.cuda.max_memory_allocated() - weights_bytes) / 2**30
+                result.peak_above_weights_gib = max(peak, result.peak_above_weights_gib or 0.0)
+        result.ttft_s = statistics.median(runs)
+        result.ttft_runs_s = runs if repeat > 1 else None
         if new_tokens > 3:
             clock = StepClock()
             _, cache = run_generate(model, path, input_ids, new_tokens, device, clock)
@@ -298,7 +308,8 @@ def format_row(r: Result) -> str:
     def f(value, spec):
         return "-" if value is None else format(value, spec)
 
-    return (f"{r.path:28s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s "
+    runs = "" if not r.ttft_runs_s else f" (median of {', '.join(format(t, '.3f') for t in r.ttft_runs_s)})"
+    return (f"{r.path:28s} B={r.batch:<3d} prompt={r.prompt:<6d} new={r.new_tokens:<5d} ttft={f(r.ttft_s, '.3f')}s{runs} "
             f"decode={f(r.decode_tok_s, '.1f')} tok/s peak-weights={f(r.peak_above_weights_gib, '.2f')} GiB "
             f"(resident {f(r.resident_above_weights_gib, '.3f')}) "
             f"kv={f(r.kv_cache_gib, '.3f')} GiB warm-up={f(r.warmup_s, '.1f')}s"
@@ -351,6 +362,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=["mistral-7b", *SHAPES], default="mistral-7b",
                         help="the random model's shape (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="sweep: decode with use_cuda_graphs(compile=True)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each row's first token this many times and report the median (default: 1)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -386,7 +399,7 @@ def main() -> None:
         print(f"copy bandwidth {bandwidth:.2f} TB/s", flush=True)
     grid = [(prompt, batch, path) for prompt in args.prompt for batch in args.batch for path in args.paths]
     for prompt, batch, path in tqdm(grid, desc=args.mode, file=sys.stderr):
-        row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth)
+        row = measure(model, path, batch, prompt, new_tokens, device, weights_bytes, bandwidth, args.repeat)
         results["rows"].append(asdict(row))
         save(results, args.json)  # after every row: a run cut short keeps what it measured
 
