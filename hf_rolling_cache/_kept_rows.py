@@ -44,6 +44,13 @@ def rows_read(model: torch.nn.Module, kwargs: dict) -> int | None:
     return 1
 
 
+def last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model.get_decoder().layers[-1]``, where the model has one."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 else None
+
+
 def last_layer_swaps(layer: torch.nn.Module, rows: int) -> list[tuple]:
     """``(module, name, value)`` swaps that make ``layer`` compute its query projection, its attention's output
     projection and its MLP for the last ``rows`` positions only. None at all where someone else's code would see the

@@ -19,8 +19,9 @@ the attention function stay eager (they are ``torch.compiler.disable``d, so each
 as they are. Compilation happens once per model and batch size, in the first decode step's warm-up. With
 ``compile_prefill=True`` prefill on one GPU runs the layers compiled too, for any number of tokens (dynamic shapes,
 compiled at the first prefill), its elementwise work fused, its attention by cuDNN's fused kernel where NVIDIA's
-cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`), and its last layer's products after the keys
-and values computed only for the positions whose logits are read (`_kept_rows`).
+cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`). Every prefill forward on a rolling cache,
+compiled or not, computes its last layer's products after the keys and values only for the positions whose logits
+are read (`_kept_rows`: generate's prefill reads one).
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
@@ -47,8 +48,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces, step_begins
-from ._compiled import CompiledLayers
-from ._kept_rows import rows_read
+from ._compiled import CompiledLayers, _installed
+from ._kept_rows import last_decoder_layer, last_layer_swaps, rows_read
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -59,7 +60,10 @@ _CACHES = "_hf_rolling_cache_replayed_caches"  # the caches it ran on (weakly): 
 
 
 def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_prefill: bool = False) -> None:
-    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache).
+    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache). Its prefill
+    forwards compute the last decoder layer's query, output projection and MLP only for the positions whose logits
+    are read (`_kept_rows`: generate's prefill reads the last one), unless hidden states, attentions, router logits,
+    labels or a hook need every row.
 
     Args:
         model: a causal LM using the "rolling_xformers" attention.
@@ -72,7 +76,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
             compiled layers as well (their elementwise work fused; their token dimension dynamic) and attend, in
             bf16/fp16, with cuDNN's fused attention where NVIDIA's cudnn-frontend is installed (`_cudnn`: a 32k-token
             prompt's first token about 29% sooner on an H100), else with FlexAttention (`_flex`: about 22%
-            sooner), the last layer computing the rows read only (`_kept_rows`), for a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds
+            sooner), for a compilation at the first prefill (12-17 s for a 7B model; less in a process that finds
             PyTorch's compile caches), again at the first prompt of several 128-token tiles or chunks if the first
             had one, and at each new batch size. Worth it for long prompts, or many.
     """
@@ -110,7 +114,8 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         if compiled is not None and not args and _compiled_prefill(placement, cache, kwargs, compiled):
             with compiled.prefill_swapped_in(rows_read(model, kwargs)):
                 return eager_forward(**kwargs)
-        return eager_forward(*args, **kwargs)
+        with _installed(_eager_prefill_swaps(model, cache, args, kwargs)):
+            return eager_forward(*args, **kwargs)
 
     forward.replays_decode_steps = True  # Accelerate dispatching the model later makes this its _old_forward
     setattr(model, _HAD_FORWARD, "forward" in vars(model))
@@ -192,6 +197,16 @@ def _compiled_prefill(placement: Placement, cache, kwargs, compiled: CompiledLay
         and not torch.cuda.is_current_stream_capturing()
         and not torch.is_grad_enabled()
     )
+
+
+def _eager_prefill_swaps(model, cache, args: tuple, kwargs: dict) -> list[tuple]:
+    """For an eager forward of several tokens per sequence on a rolling cache: the last decoder layer's products
+    after its keys and values for the rows read only (`_kept_rows`), as in the compiled prefill."""
+    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if args or not isinstance(cache, RollingSlidingWindowCache) or tokens is None or tokens.shape[1] < 2:
+        return []
+    rows, layer = rows_read(model, kwargs), last_decoder_layer(model)
+    return [] if rows is None or layer is None else last_layer_swaps(layer, rows)
 
 
 def _decode_graph(

@@ -209,3 +209,46 @@ def test_generate_with_the_compiled_prefill_computes_one_row_of_the_last_layer_a
     prefill = [added for added in changes.last if added.shape[1] > 1]
     assert len(prefill) == 3 and all(same_at_every_position(added) for added in prefill)
     assert not any(same_at_every_position(added) for added in changes.first if added.shape[1] > 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_eager_prefill_under_use_cuda_graphs_computes_one_row_of_the_last_layer_and_gives_transformers_tokens(name):
+    """``use_cuda_graphs(model)`` without compilation (its decode steps eager here, on CPU): generate's prefill
+    chunks compute one row of the last layer, a forward asking for every position's logits computes them all, and
+    the tokens and logits are Transformers'."""
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
+    from tests.families import build
+
+    if name == "mistral":
+        reference, rolling = model_pair(tiny_config(6, layers=2))
+    else:
+        reference = build(name, window=6, seed=1)
+        rolling = copy.deepcopy(reference)
+        rolling.set_attn_implementation("rolling_xformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no CUDA here)
+        use_cuda_graphs(rolling)
+    input_ids, attention_mask = ragged_batch([23, 5, 17], vocab=97, seed=7)
+    changes = LayerChanges(rolling)
+    try:
+        ours = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                                pad_token_id=0, prefill_chunk_size=8, output_logits=True, return_dict_in_generate=True,
+                                past_key_values=RollingSlidingWindowCache(config=rolling.config))
+        prefill = [added for added in changes.last if added.shape[1] > 1]
+        assert len(prefill) == 3 and all(same_at_every_position(added) for added in prefill)
+        assert not any(same_at_every_position(added) for added in changes.first if added.shape[1] > 1)
+        whole = rolling(input_ids=input_ids, attention_mask=attention_mask,
+                        past_key_values=RollingSlidingWindowCache(config=rolling.config)).logits
+        assert not same_at_every_position(changes.last[-1])
+    finally:
+        changes.remove()
+        release_cuda_graphs(rolling)
+    theirs = reference.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4,
+                                do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=0, atol=1e-4)
+    real = attention_mask.bool()
+    expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(whole[real], expected[real], rtol=0, atol=1e-4)
+    assert all("forward" not in vars(module) for module in rolling.modules())
