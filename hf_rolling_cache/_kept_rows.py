@@ -16,6 +16,7 @@ import types
 import torch
 
 from ._fused import _global_hooks, _hooked
+from .cache import RollingSlidingWindowCache
 
 _ROWS = "_hf_rolling_cache_kept_rows"
 
@@ -44,7 +45,19 @@ def rows_read(model: torch.nn.Module, kwargs: dict) -> int | None:
     return 1
 
 
-def last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple]:
+    """`last_layer_swaps` for an eager forward of ``model`` (keyword arguments only) of several tokens per sequence
+    on a rolling cache, where its caller reads only the last row (`rows_read`); else none."""
+    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if args or not isinstance(kwargs.get("past_key_values"), RollingSlidingWindowCache):
+        return []
+    rows, layer = rows_read(model, kwargs), _last_decoder_layer(model)
+    if tokens is None or tokens.shape[1] < 2 or rows is None or layer is None:
+        return []
+    return last_layer_swaps(layer, rows)
+
+
+def _last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     """``model.get_decoder().layers[-1]``, where the model has one."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)

@@ -49,7 +49,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import _stop_check
 from ._all_reduce import one_shot_all_reduces, step_begins
 from ._compiled import CompiledLayers, _installed
-from ._kept_rows import last_decoder_layer, last_layer_swaps, rows_read
+from ._kept_rows import eager_prefill_swaps, rows_read
 from ._segments import NotCapturable, Placement, SegmentedCapture, placement_of, side_stream
 from .cache import RollingSlidingWindowCache
 
@@ -60,10 +60,8 @@ _CACHES = "_hf_rolling_cache_replayed_caches"  # the caches it ran on (weakly): 
 
 
 def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_prefill: bool = False) -> None:
-    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache). Its prefill
-    forwards compute the last decoder layer's query, output projection and MLP only for the positions whose logits
-    are read (`_kept_rows`: generate's prefill reads the last one), unless hidden states, attentions, router logits,
-    labels or a hook need every row.
+    """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache); its prefill
+    forwards compute only the rows read of the last layer's products after its keys and values (`_kept_rows`).
 
     Args:
         model: a causal LM using the "rolling_xformers" attention.
@@ -114,7 +112,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         if compiled is not None and not args and _compiled_prefill(placement, cache, kwargs, compiled):
             with compiled.prefill_swapped_in(rows_read(model, kwargs)):
                 return eager_forward(**kwargs)
-        with _installed(_eager_prefill_swaps(model, cache, args, kwargs)):
+        with _installed(eager_prefill_swaps(model, args, kwargs)):
             return eager_forward(*args, **kwargs)
 
     forward.replays_decode_steps = True  # Accelerate dispatching the model later makes this its _old_forward
@@ -197,16 +195,6 @@ def _compiled_prefill(placement: Placement, cache, kwargs, compiled: CompiledLay
         and not torch.cuda.is_current_stream_capturing()
         and not torch.is_grad_enabled()
     )
-
-
-def _eager_prefill_swaps(model, cache, args: tuple, kwargs: dict) -> list[tuple]:
-    """For an eager forward of several tokens per sequence on a rolling cache: the last decoder layer's products
-    after its keys and values for the rows read only (`_kept_rows`), as in the compiled prefill."""
-    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if args or not isinstance(cache, RollingSlidingWindowCache) or tokens is None or tokens.shape[1] < 2:
-        return []
-    rows, layer = rows_read(model, kwargs), last_decoder_layer(model)
-    return [] if rows is None or layer is None else last_layer_swaps(layer, rows)
 
 
 def _decode_graph(

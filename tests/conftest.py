@@ -161,3 +161,25 @@ def flex_on_cpu(monkeypatch):
                         and not _flex._flex.refused)
     monkeypatch.setattr("hf_rolling_cache.attention.flex_packed", counted)
     return calls
+
+
+class OnCuda:
+    """What `_flex.applies` (or `graphs._compiled_prefill`) reads of a tensor, as if on a GPU."""
+
+    is_cuda = True
+
+    def __init__(self, dtype=torch.bfloat16, shape=(128, 4, 8), device=torch.device("cuda", 0), requires_grad=False):
+        self.dtype, self.shape, self.device, self.requires_grad = dtype, shape, device, requires_grad
+
+
+@pytest.fixture
+def compiled_prefill_on_cpu(monkeypatch, flex_on_cpu):
+    """``use_cuda_graphs(compile_prefill=True)`` taking forwards of CPU tensors as if on a GPU: their layers
+    compiled, their attention FlexAttention's (`flex_on_cpu`: its calls are returned)."""
+    from hf_rolling_cache import graphs
+
+    compiled_prefill = graphs._compiled_prefill
+    monkeypatch.setattr(graphs, "_compiled_prefill", lambda placement, cache, kwargs, compiled: compiled_prefill(
+        placement, cache, {**kwargs, "input_ids": OnCuda(shape=kwargs["input_ids"].shape)}, compiled))
+    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
+    return flex_on_cpu

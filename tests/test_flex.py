@@ -13,7 +13,7 @@ from hf_rolling_cache._compiled_prefill import prefill_kernel
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._kernels import dense_attention, exact_kernels
 from hf_rolling_cache._plan import build_plan
-from tests.conftest import model_pair, ragged_batch, tiny_config
+from tests.conftest import OnCuda, model_pair, ragged_batch, tiny_config
 
 
 def random_plans(count: int, seed: int = 0):
@@ -111,15 +111,6 @@ def test_a_flex_attention_that_fails_warns_once_and_leaves_prefill_to_the_other_
         refused = OnCuda(dtype=query.dtype, shape=query.shape, device=query.device)
         assert not _flex.applies(refused, None, None)  # these inputs (as if on a GPU): refused from now on
         assert _flex.applies(OnCuda(dtype=torch.float16, shape=query.shape, device=query.device), None, None)
-
-
-class OnCuda:
-    """What `_flex.applies` (or `graphs._compiled_prefill`) reads of a tensor, as if on a GPU."""
-
-    is_cuda = True
-
-    def __init__(self, dtype=torch.bfloat16, shape=(128, 4, 8), device=torch.device("cuda", 0), requires_grad=False):
-        self.dtype, self.shape, self.device, self.requires_grad = dtype, shape, device, requires_grad
 
 
 def test_flex_applies_inside_the_compiled_prefill_only_on_cuda_in_half_precision_without_caps_or_sinks():
@@ -279,17 +270,13 @@ def test_compiled_prefill_on_gpu_in_bf16_errs_against_fp32_like_transformers_sdp
 
 @torch.no_grad()
 def test_after_a_warm_up_prompts_of_other_lengths_compile_nothing_and_give_transformers_tokens(
-        flex_on_cpu, fresh_dynamo, monkeypatch):
+        compiled_prefill_on_cpu, fresh_dynamo):
     """``use_cuda_graphs(compile=True, compile_prefill=True)`` through generate's chunked prefill (made to run on
     CPU tensors here): once a prompt of one tile of 128 tokens and one in chunks (first, later and last chunks of
     several tiles) have run, prompts of other lengths run without compiling anything (generate hands each chunk a
     slice of the prompt's position_ids, strided by the prompt's length), and give Transformers' tokens."""
-    from hf_rolling_cache import RollingSlidingWindowCache, graphs, release_cuda_graphs, use_cuda_graphs
+    from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
 
-    compiled_prefill = graphs._compiled_prefill
-    monkeypatch.setattr(graphs, "_compiled_prefill", lambda placement, cache, kwargs, compiled: compiled_prefill(
-        placement, cache, {**kwargs, "input_ids": OnCuda(shape=kwargs["input_ids"].shape)}, compiled))
-    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
     reference, rolling = model_pair(tiny_config(40, layers=2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no CUDA here: decode steps eager)
@@ -304,7 +291,7 @@ def test_after_a_warm_up_prompts_of_other_lengths_compile_nothing_and_give_trans
         for length in (20, 320):  # one chunk; chunks of 150, 150 and 20
             generate(rolling, length, past_key_values=RollingSlidingWindowCache(config=rolling.config),
                      prefill_chunk_size=150)
-        calls = len(flex_on_cpu)
+        calls = len(compiled_prefill_on_cpu)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for length in (200, 77, 451):
                 ours = generate(rolling, length, past_key_values=RollingSlidingWindowCache(config=rolling.config),
@@ -312,7 +299,7 @@ def test_after_a_warm_up_prompts_of_other_lengths_compile_nothing_and_give_trans
                 assert torch.equal(ours, generate(reference, length))
     finally:
         release_cuda_graphs(rolling)
-    assert len(flex_on_cpu) - calls == 2 * (2 + 1 + 3)  # every prefill chunk of more than one token, every layer
+    assert len(compiled_prefill_on_cpu) - calls == 2 * (2 + 1 + 3)  # every prefill chunk of more than one token, every layer
 
 
 def test_the_compiled_prefill_hands_its_layers_tensors_in_standard_strides():

@@ -13,7 +13,6 @@ from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._kept_rows import last_layer_swaps, rows_read
 from tests.conftest import model_pair, ragged_batch, tiny_config
-from tests.test_flex import OnCuda
 
 
 class Composite(torch.nn.Module):
@@ -181,15 +180,11 @@ def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_fro
 
 @torch.no_grad()
 def test_generate_with_the_compiled_prefill_computes_one_row_of_the_last_layer_and_gives_transformers_tokens(
-        flex_on_cpu, fresh_dynamo, monkeypatch):
+        compiled_prefill_on_cpu, fresh_dynamo):
     """Through ``use_cuda_graphs(compile=True, compile_prefill=True)`` and generate's chunked prefill (made to run on
     CPU tensors): the prompt's chunks compute one row of the last layer, and the tokens are Transformers'."""
-    from hf_rolling_cache import graphs, release_cuda_graphs, use_cuda_graphs
+    from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
 
-    compiled_prefill = graphs._compiled_prefill
-    monkeypatch.setattr(graphs, "_compiled_prefill", lambda placement, cache, kwargs, compiled: compiled_prefill(
-        placement, cache, {**kwargs, "input_ids": OnCuda(shape=kwargs["input_ids"].shape)}, compiled))
-    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
     reference, rolling = model_pair(tiny_config(6, layers=2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no CUDA here: decode steps eager)
