@@ -91,8 +91,8 @@ class CompiledLayers:
         """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
         the attention cuDNN's or FlexAttention's (`_compiled_prefill`). With ``rows_read`` (`_kept_rows.rows_read`:
-        the caller reads only the last so many positions' logits), the last decoder layer computes its products
-        after the keys and values for those rows only (`_kept_rows`; compiled as a code of its own)."""
+        the caller reads only the last position's logits), the last decoder layer computes its products after the
+        keys and values for that row only (`_kept_rows`; compiled as a code of its own)."""
         if self._prefill is None:
             self._prefill = [
                 _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options))

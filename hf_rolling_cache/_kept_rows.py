@@ -1,4 +1,4 @@
-"""Rows of the last decoder layer that nobody reads are not computed (the compiled prefill's).
+"""Rows of the last decoder layer that nobody reads are not computed (prefill forwards under `use_cuda_graphs`).
 
 A prefill forward from ``generate`` asks for the logits of its last position only (``logits_to_keep=1``), and the
 cache needs every position's keys and values, which a layer computes from its input. So in the model's last decoder
@@ -49,12 +49,12 @@ def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> li
     """`last_layer_swaps` for an eager forward of ``model`` (keyword arguments only) of several tokens per sequence
     on a rolling cache, where its caller reads only the last row (`rows_read`); else none."""
     tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if args or not isinstance(kwargs.get("past_key_values"), RollingSlidingWindowCache):
+    if args or tokens is None or tokens.shape[1] < 2:
+        return []  # (a decode step that runs eagerly: nothing to save)
+    if not isinstance(kwargs.get("past_key_values"), RollingSlidingWindowCache):
         return []
     rows, layer = rows_read(model, kwargs), _last_decoder_layer(model)
-    if tokens is None or tokens.shape[1] < 2 or rows is None or layer is None:
-        return []
-    return last_layer_swaps(layer, rows)
+    return [] if rows is None or layer is None else last_layer_swaps(layer, rows)
 
 
 def _last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
