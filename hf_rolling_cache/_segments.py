@@ -4,7 +4,7 @@ PyTorch captures a graph on one device, and a copy to another device inside a ca
 outside it. So the step is cut where it changes device: every module Accelerate placed on a GPU of its own
 (``device_map``) ends the segment in progress when its inputs arrive from another device; those inputs (hidden
 states, rotary tables, positions) and the step's device counters are staged on its device as static copies, and a
-capture begins there. A replay (`graphs._DecodeGraph.run`) copies each segment's hand-off, then replays it.
+capture begins there. A replay (`_decode_graph.DecodeGraph.run`) copies each segment's hand-off, then replays it.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class RollingSlidingWindowCache(Cache):
         self.config = config
         self.ledger = StepLedger(len(windows), self.reserve)
         self._global_capacity = max_length or 0
-        self.decode_graph = None  # graphs._DecodeGraph, captured by CUDA graph decoding
+        self.decode_graph = None  # _decode_graph.DecodeGraph, captured by CUDA graph decoding
         # Per row, the most tokens it has held since the last reset, as of the last crop (the counters only grow in
         # between): a ring wrapped past it has overwritten what a rollback far below it would need (`crop`).
         self._held_most: list[int] = []

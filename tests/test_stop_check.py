@@ -8,8 +8,9 @@ import torch
 from transformers import DynamicCache
 from transformers.generation import utils as generation_utils
 
-from hf_rolling_cache import RollingSlidingWindowCache, graphs, release_cuda_graphs, use_cuda_graphs
+from hf_rolling_cache import RollingSlidingWindowCache, release_cuda_graphs, use_cuda_graphs
 from hf_rolling_cache import _stop_check
+from hf_rolling_cache._decode_graph import EagerSteps
 from tests.conftest import model_pair, next_turn, ragged_batch, tiny_config
 
 WINDOW = 4
@@ -42,7 +43,7 @@ def test_deferred_only_for_a_cache_replayed_on_cuda(monkeypatch):
     release_cuda_graphs(model)
     assert not supported(cuda, replayed, True, False)  # the model that ran on it replays no more
     use_cuda_graphs(model)
-    replayed.decode_graph = graphs._EagerSteps(model.forward)  # its step was found uncapturable
+    replayed.decode_graph = EagerSteps(model.forward)  # its step was found uncapturable
     assert not supported(cuda, replayed, True, False)
     replayed.reset()
     assert not supported(cuda, replayed, True, False)
