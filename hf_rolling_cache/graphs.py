@@ -170,7 +170,6 @@ def _replayable(placement: Placement, cache, kwargs) -> bool:
     )
 
 
-
 def _compiled_prefill(placement: Placement, cache, kwargs, compiled: CompiledLayers) -> bool:
     """A forward of several tokens per sequence on a rolling cache, on one GPU, with ``compile_prefill=True``: its
     layers run compiled (`CompiledLayers.prefill_swapped_in`). Not for a model split over devices, offloaded or
