@@ -242,7 +242,7 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
         if path.endswith("_unsharded"):
             options.enter_context(mock.patch("hf_rolling_cache._compiled.shard_of", lambda module: None))
         if path.endswith("_allrows"):
-            options.enter_context(mock.patch("hf_rolling_cache.graphs.rows_read", lambda model, kwargs: None))
+            options.enter_context(mock.patch("hf_rolling_cache.graphs.last_row_only", lambda model, kwargs: False))
         if path.endswith("_nopdl"):
             options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,

@@ -31,7 +31,7 @@ from benchmarks.profile_decode import read_bandwidth
 from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
 from hf_rolling_cache._cudnn import _cudnn
-from hf_rolling_cache._kept_rows import rows_read
+from hf_rolling_cache._kept_rows import last_row_only
 
 CLASSES = (  # (class, substrings of kernel names), first match wins: prefill's own split (copies and index writes)
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
@@ -70,7 +70,7 @@ def prefill(model, ids: torch.Tensor, chunk: int, layers=None) -> torch.Tensor:
         end = min(start + chunk, ids.shape[1])
         kwargs = dict(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
                       logits_to_keep=1)
-        kept = rows_read(model, kwargs)
+        kept = last_row_only(model, kwargs)
         with layers.prefill_swapped_in(kept) if layers is not None else contextlib.nullcontext():
             out = model(**kwargs)
     return out.logits[:, -1].float()

@@ -87,10 +87,10 @@ class CompiledLayers:
                 yield
 
     @contextlib.contextmanager
-    def prefill_swapped_in(self, rows_read: int | None = None):
+    def prefill_swapped_in(self, last_row_only: bool = False):
         """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
-        the attention cuDNN's or FlexAttention's (`_compiled_prefill`). With ``rows_read`` (`_kept_rows.rows_read`:
+        the attention cuDNN's or FlexAttention's (`_compiled_prefill`). With ``last_row_only`` (`_kept_rows.last_row_only`:
         the caller reads only the last position's logits), the last decoder layer computes its products after the
         keys and values for that row only (`_kept_rows`; compiled as a code of its own)."""
         if self._prefill is None:
@@ -99,8 +99,8 @@ class CompiledLayers:
                 for m in self.modules
             ]
         swaps = self._layer_swaps(self._prefill)
-        if rows_read is not None:
-            swaps += last_layer_swaps(self.layers[-1], rows_read)
+        if last_row_only:
+            swaps += last_layer_swaps(self.layers[-1])
         with self._compile_settings(), distinct_sizes(), _installed(swaps), prefill_kernel():
             yield
 

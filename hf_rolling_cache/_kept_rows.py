@@ -15,46 +15,44 @@ import types
 
 import torch
 
-from ._fused import _global_hooks, _hooked
+from ._fused import _global_hooks, wrapped
 from .cache import RollingSlidingWindowCache
-
-_ROWS = "_hf_rolling_cache_kept_rows"
 
 # What a forward can be asked to return beyond its logits, each read from every position of some layer's output
 # (Transformers' own cut of a layer's rows, Gemma 4's shared key/value layers, stops for the same three).
 _OTHER_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 
-def rows_read(model: torch.nn.Module, kwargs: dict) -> int | None:
-    """1 where a forward's caller reads only its last position's logits: ``logits_to_keep=1`` (as generate's
+def last_row_only(model: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether a forward's caller reads only its last position's logits: ``logits_to_keep=1`` (as generate's
     prefill asks), without labels or any other output asked for, by argument or by the model's config or its
-    decoder's (a vision-language model's text config). None: every row is read. Other counts of rows are left
-    whole (assisted decoding asks for each draft's rows: nothing to save, and each count would compile again)."""
+    decoder's (a vision-language model's text config). Other counts of rows are left whole (assisted decoding asks
+    for each draft's rows: nothing to save, and each count would compile again)."""
     keep = kwargs.get("logits_to_keep")
     if type(keep) is not int or keep != 1:
-        return None
+        return False
     if kwargs.get("labels") is not None:
-        return None
+        return False
     if any(kwargs.get(name) for name in kwargs if name.startswith("output_")):
-        return None
+        return False
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     configs = [model.config, getattr(decoder, "config", None)]
     for name in _OTHER_OUTPUTS:
         if kwargs.get(name) is None and any(getattr(config, name, False) for config in configs):
-            return None
-    return 1
+            return False
+    return True
 
 
 def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple]:
     """`last_layer_swaps` for an eager forward of ``model`` (keyword arguments only) of several tokens per sequence
-    on a rolling cache, where its caller reads only the last row (`rows_read`); else none."""
+    on a rolling cache, where its caller reads only the last row (`last_row_only`); else none."""
     tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if args or tokens is None or tokens.shape[1] < 2:
         return []  # (a decode step that runs eagerly: nothing to save)
     if not isinstance(kwargs.get("past_key_values"), RollingSlidingWindowCache):
         return []
-    rows, layer = rows_read(model, kwargs), _last_decoder_layer(model)
-    return [] if rows is None or layer is None else last_layer_swaps(layer, rows)
+    layer = _last_decoder_layer(model)
+    return last_layer_swaps(layer) if layer is not None and last_row_only(model, kwargs) else []
 
 
 def _last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -64,13 +62,13 @@ def _last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 else None
 
 
-def last_layer_swaps(layer: torch.nn.Module, rows: int) -> list[tuple]:
+def last_layer_swaps(layer: torch.nn.Module) -> list[tuple]:
     """``(module, name, value)`` swaps that make ``layer`` compute its query projection, its attention's output
-    projection and its MLP for the last ``rows`` positions only. None at all where someone else's code would see the
+    projection and its MLP for the last position only. None at all where someone else's code would see the
     layer's rows (a hook on it or on any module inside it, a forward of its own, a global hook); the MLP only where
     it is a dense one (its parameters all in ``nn.Linear`` children of its own: not a mixture of experts, whose
     routing may not work token by token, and whose router logits a caller may read)."""
-    if _global_hooks() or any(_hooked(sub) or "forward" in vars(sub) for sub in layer.modules()):
+    if _global_hooks() or any(map(wrapped, layer.modules())):
         return []
     attention = getattr(layer, "self_attn", None)
     candidates = [getattr(attention, "q_proj", None), getattr(attention, "o_proj", None)]
@@ -78,10 +76,7 @@ def last_layer_swaps(layer: torch.nn.Module, rows: int) -> list[tuple]:
     mlp = getattr(layer, "mlp", None)
     if isinstance(mlp, torch.nn.Module) and _dense(mlp):
         candidates.append(mlp)
-    swaps = []
-    for module in candidates:
-        swaps += [(module, _ROWS, rows), (module, "forward", types.MethodType(_kept_rows_forward, module))]
-    return swaps
+    return [(module, "forward", types.MethodType(_last_row_forward, module)) for module in candidates]
 
 
 def _dense(mlp: torch.nn.Module) -> bool:
@@ -91,14 +86,13 @@ def _dense(mlp: torch.nn.Module) -> bool:
     return bool(owners) and all(type(sub) is torch.nn.Linear and id(sub) in children for sub in owners)
 
 
-def _kept_rows_forward(self: torch.nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The module's own forward over the last rows of ``hidden`` ([batch, tokens, features]), broadcast to every
-    row (the rows before them are never read)."""
-    rows = getattr(self, _ROWS)
+def _last_row_forward(self: torch.nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The module's own forward over the last row of ``hidden`` ([batch, tokens, features]), broadcast to every
+    row (the rows before it are never read)."""
     forward = type(self).forward
-    if hidden.dim() != 3 or hidden.shape[1] <= rows:
+    if hidden.dim() != 3 or hidden.shape[1] <= 1:
         return forward(self, hidden, *args, **kwargs)
-    kept = forward(self, hidden[:, -rows:], *args, **kwargs)
+    kept = forward(self, hidden[:, -1:], *args, **kwargs)
     if not isinstance(kept, torch.Tensor) or kept.dim() != 3:
         return forward(self, hidden, *args, **kwargs)  # not a plain product's output: computed whole
     return kept.expand(hidden.shape[0], hidden.shape[1], kept.shape[-1])

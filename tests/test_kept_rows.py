@@ -11,7 +11,7 @@ import torch
 
 from hf_rolling_cache import RollingSlidingWindowCache
 from hf_rolling_cache._compiled import CompiledLayers
-from hf_rolling_cache._kept_rows import last_layer_swaps, rows_read
+from hf_rolling_cache._kept_rows import last_layer_swaps, last_row_only
 from tests.conftest import model_pair, ragged_batch, tiny_config
 
 
@@ -27,30 +27,30 @@ class Composite(torch.nn.Module):
         return self.decoder
 
 
-def test_rows_read_only_where_nothing_but_the_last_logits_is_read():
+def test_last_row_only_where_nothing_but_the_last_logits_is_read():
     _, model = model_pair(tiny_config(5))
-    assert rows_read(model, {"logits_to_keep": 1}) == 1
-    assert rows_read(model, {"logits_to_keep": 1, "output_hidden_states": False}) == 1
-    assert rows_read(model, {}) is None  # (Transformers' default, 0: every position's logits)
-    assert rows_read(model, {"logits_to_keep": 0}) is None
-    assert rows_read(model, {"logits_to_keep": True}) is None
-    assert rows_read(model, {"logits_to_keep": 3}) is None  # (assisted decoding's drafts: every count compiles)
-    assert rows_read(model, {"logits_to_keep": torch.tensor([0, 2])}) is None  # chosen positions: all computed
-    assert rows_read(model, {"logits_to_keep": torch.tensor(1)}) is None
+    assert last_row_only(model, {"logits_to_keep": 1}) is True
+    assert last_row_only(model, {"logits_to_keep": 1, "output_hidden_states": False}) is True
+    assert last_row_only(model, {}) is False  # (Transformers' default, 0: every position's logits)
+    assert last_row_only(model, {"logits_to_keep": 0}) is False
+    assert last_row_only(model, {"logits_to_keep": True}) is False
+    assert last_row_only(model, {"logits_to_keep": 3}) is False  # (assisted decoding's drafts: every count compiles)
+    assert last_row_only(model, {"logits_to_keep": torch.tensor([0, 2])}) is False  # chosen positions: all computed
+    assert last_row_only(model, {"logits_to_keep": torch.tensor(1)}) is False
     for name in ("output_hidden_states", "output_attentions", "output_router_logits", "output_anything_else"):
-        assert rows_read(model, {"logits_to_keep": 1, name: True}) is None, name
-    assert rows_read(model, {"logits_to_keep": 1, "labels": torch.zeros(1, 4, dtype=torch.long)}) is None
+        assert last_row_only(model, {"logits_to_keep": 1, name: True}) is False, name
+    assert last_row_only(model, {"logits_to_keep": 1, "labels": torch.zeros(1, 4, dtype=torch.long)}) is False
     plain = types.SimpleNamespace()
     for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
         asking = types.SimpleNamespace(**{name: True})  # asked by the config: every forward returns them
-        assert rows_read(Composite(asking, plain), {"logits_to_keep": 1}) is None, name
-        assert rows_read(Composite(plain, asking), {"logits_to_keep": 1}) is None, name  # the decoder's
-        assert rows_read(Composite(asking, asking), {"logits_to_keep": 1, name: False}) == 1, name
-    assert rows_read(Composite(plain, plain), {"logits_to_keep": 1}) == 1
+        assert last_row_only(Composite(asking, plain), {"logits_to_keep": 1}) is False, name
+        assert last_row_only(Composite(plain, asking), {"logits_to_keep": 1}) is False, name  # the decoder's
+        assert last_row_only(Composite(asking, asking), {"logits_to_keep": 1, name: False}) is True, name
+    assert last_row_only(Composite(plain, plain), {"logits_to_keep": 1}) is True
 
 
 def swapped(layer) -> set:
-    return {module for module, name, _ in last_layer_swaps(layer, 1) if name == "forward"}
+    return {module for module, name, _ in last_layer_swaps(layer) if name == "forward"}
 
 
 def test_the_last_layer_keeps_its_query_output_and_mlp_products_unless_someone_sees_its_rows():
@@ -155,7 +155,7 @@ def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_fro
             end = min(input_ids.shape[1], start + 4)
             kwargs = dict(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
                           past_key_values=cache, logits_to_keep=1)
-            with layers.prefill_swapped_in(rows_read(rolling, kwargs)):
+            with layers.prefill_swapped_in(last_row_only(rolling, kwargs)):
                 ours = rolling(**kwargs).logits[:, -1].float()
             theirs = reference(input_ids=input_ids[:, :end], attention_mask=attention_mask[:, :end]).logits[:, -1]
             real = attention_mask[:, end - 1].bool()
@@ -164,7 +164,7 @@ def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_fro
         assert all(same_at_every_position(added) for added in last if added.shape[1] > 1)
         assert not any(same_at_every_position(added) for added in first if added.shape[1] > 1)
         # the same forward with every row read: the last layer computes every row
-        with layers.prefill_swapped_in(rows_read(rolling, {})):
+        with layers.prefill_swapped_in(last_row_only(rolling, {})):
             rolling(input_ids=input_ids[:, :4], attention_mask=attention_mask[:, :4],
                     past_key_values=RollingSlidingWindowCache(config=rolling.config))
         assert not same_at_every_position(last[-1])
