@@ -177,3 +177,12 @@ def build(name: str, window: int, seed: int = 0) -> PreTrainedModel:
     model = family.model_class(family.make_config(window)).float().eval()
     model.set_attn_implementation("eager")
     return model
+
+
+def pair(name: str, window: int, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """The family's tiny model twice, the same weights: Transformers' eager attention (the reference) and
+    rolling_xformers."""
+    reference = build(name, window, seed)
+    rolling = copy.deepcopy(reference)
+    rolling.set_attn_implementation("rolling_xformers")
+    return reference, rolling

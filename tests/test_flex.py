@@ -208,14 +208,10 @@ def test_the_compiled_prefill_of_hybrid_models_gives_transformers_logits(name, f
     """Sliding and global layers in one model (Gemma 3: q/k norms, rope per layer kind; MiMo-V2-Flash: values
     narrower than keys, sinks on its sliding layers only, which keep their kernel): a ragged prompt in chunks
     through the compiled prefill gives Transformers' eager logits."""
-    import copy
-
     from hf_rolling_cache import RollingSlidingWindowCache
-    from tests.families import build
+    from tests.families import pair
 
-    reference = build(name, window=5, seed=1)
-    rolling = copy.deepcopy(reference)
-    rolling.set_attn_implementation("rolling_xformers")
+    reference, rolling = pair(name, window=5, seed=1)
     input_ids, attention_mask = ragged_batch([13, 2, 9], vocab=97, seed=4)
     layers, cache, ours = CompiledLayers(rolling), RollingSlidingWindowCache(config=rolling.config), []
     for start in range(0, input_ids.shape[1], 4):

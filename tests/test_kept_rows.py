@@ -90,6 +90,14 @@ def test_a_mixture_of_experts_keeps_its_mlp_whole():
     assert mlp not in swapped(layer) and layer.self_attn.o_proj in swapped(layer)
 
 
+def models(name: str, window: int):
+    """Transformers' reference and its rolling twin: the tests' small Mistral, or a family of `tests.families`
+    (Gemma 3: sliding and global layers, q/k norms, norms after attention and MLP)."""
+    from tests.families import pair
+
+    return model_pair(tiny_config(window, layers=2)) if name == "mistral" else pair(name, window, seed=1)
+
+
 class LayerChanges:
     """What the first and the last decoder layer add to their input hidden states, per forward. A hook on the last
     layer (or inside it) would see its rows, so it would keep them all: its input is read from a hook on the layer
@@ -139,14 +147,7 @@ def test_a_prefill_reading_its_last_position_gives_transformers_logits_there_fro
     last logits are Transformers', the cache then decodes as Transformers does, and the last layer added the same
     to every position of a chunk (its products after the keys and values ran for the last row only), while the
     layers before it did not (nor the last one, when every row is read)."""
-    from tests.families import build
-
-    if name == "mistral":
-        reference, rolling = model_pair(tiny_config(5, layers=2))
-    else:  # sliding and global layers, q/k norms, norms after attention and MLP
-        reference = build(name, window=5, seed=1)
-        rolling = copy.deepcopy(reference)
-        rolling.set_attn_implementation("rolling_xformers")
+    reference, rolling = models(name, window=5)
     input_ids, attention_mask = ragged_batch([13, 2, 9], vocab=97, seed=4)
     layers, cache = CompiledLayers(rolling), RollingSlidingWindowCache(config=rolling.config)
     changes = LayerChanges(rolling)
@@ -213,14 +214,7 @@ def test_eager_prefill_under_use_cuda_graphs_computes_one_row_of_the_last_layer_
     chunks compute one row of the last layer, a forward asking for every position's logits computes them all, and
     the tokens and logits are Transformers'."""
     from hf_rolling_cache import release_cuda_graphs, use_cuda_graphs
-    from tests.families import build
-
-    if name == "mistral":
-        reference, rolling = model_pair(tiny_config(6, layers=2))
-    else:
-        reference = build(name, window=6, seed=1)
-        rolling = copy.deepcopy(reference)
-        rolling.set_attn_implementation("rolling_xformers")
+    reference, rolling = models(name, window=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no CUDA here)
         use_cuda_graphs(rolling)
