@@ -25,22 +25,25 @@ _OTHER_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_lo
 
 def last_row_only(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether a forward's caller reads only its last position's logits: ``logits_to_keep=1`` (as generate's
-    prefill asks), without labels or any other output asked for, by argument or by the model's config or its
-    decoder's (a vision-language model's text config). Other counts of rows are left whole (assisted decoding asks
+    prefill asks), and nothing else (`others_read`). Other counts of rows are left whole (assisted decoding asks
     for each draft's rows: nothing to save, and each count would compile again)."""
     keep = kwargs.get("logits_to_keep")
-    if type(keep) is not int or keep != 1:
-        return False
+    return type(keep) is int and keep == 1 and not others_read(model, kwargs)
+
+
+def others_read(model: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether a forward is asked for more than logits, each read from every position of some layer: labels (a
+    loss), or any ``output_*``, by argument or by the model's config or its decoder's (a vision-language model's
+    text config)."""
     if kwargs.get("labels") is not None:
-        return False
+        return True
     if any(kwargs.get(name) for name in kwargs if name.startswith("output_")):
-        return False
+        return True
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     configs = [model.config, getattr(decoder, "config", None)]
-    for name in _OTHER_OUTPUTS:
-        if kwargs.get(name) is None and any(getattr(config, name, False) for config in configs):
-            return False
-    return True
+    return any(
+        kwargs.get(name) is None and any(getattr(config, name, False) for config in configs) for name in _OTHER_OUTPUTS
+    )
 
 
 def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple]:

@@ -107,6 +107,7 @@ class _Step:
         self.plans: dict[int | None, StepPlan | DeviceDecodePlan] = {}
         self.mirrors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device counters elsewhere
         self.written: set[int] = set()
+        self.layers_run: int | None = None  # the step commits once this many layers have written (None: all)
 
     @property
     def seen_after(self) -> tuple[int, ...]:
@@ -132,6 +133,7 @@ class StepLedger:
         # The walkthrough's per-sequence chunks (mistral-inference's packing) leave a sequence without tokens in a
         # later forward; its window counts its own tokens there, as in the article. generate never does this.
         self.allow_holes = False
+        self._layers_run: int | None = None  # set by `first_layers_only`
 
     # --- a forward --------------------------------------------------------------------------------------------------
     def plan(self, mask, window: int | None, capacity: Callable[[], int]) -> StepPlan | DeviceDecodePlan:
@@ -140,6 +142,7 @@ class StepLedger:
         if step is None or step.forward != mask.forward:
             self.check_usable()
             step = self._open = self._begin(mask)
+            step.layers_run = self._layers_run
         if window not in step.plans:
             if step.device_counters is not None:
                 seen, real = step.device_counters
@@ -159,7 +162,7 @@ class StepLedger:
         step = self._open
         assert step is not None and step.plans.get(plan.window) is plan, "layer_written outside its forward"
         step.written.add(layer_idx)
-        if len(step.written) == self.num_layers:
+        if len(step.written) == (step.layers_run or self.num_layers):
             if step.device_counters is not None:
                 if not self.defer_advance:
                     seen, real = step.device_counters
@@ -170,6 +173,17 @@ class StepLedger:
             self.counters.columns += step.q_length
             self._open = None
             self.last_plan = plan
+
+    @contextlib.contextmanager
+    def first_layers_only(self, count: int) -> Iterator[None]:
+        """A forward inside the block runs its first ``count`` layers only (`_reach`: a prefill chunk whose outputs
+        nobody reads): its step commits once those have written. The layers above keep what they held in the slots
+        of its columns, which nothing reads."""
+        self._layers_run = count
+        try:
+            yield
+        finally:
+            self._layers_run = None
 
     def commit_replayed(self, advance: bool = False) -> None:
         """A replayed decode step (a CUDA graph) ran: count its column. ``advance``: the graph did not advance the

@@ -21,7 +21,8 @@ as they are. Compilation happens once per model and batch size, in the first dec
 compiled at the first prefill), its elementwise work fused, its attention by cuDNN's fused kernel where NVIDIA's
 cudnn-frontend is installed (`_cudnn`), else by FlexAttention (`_flex`). Every prefill forward on a rolling cache,
 compiled or not, computes its last layer's products after the keys and values only for the positions whose logits
-are read (`_kept_rows`: generate's prefill reads one).
+are read (`_kept_rows`: generate's prefill reads one), and generate's prefill chunks stop under the layers whose keys
+and values nothing reads (`_reach`).
 
 A model split over GPUs by Accelerate (``device_map``) is captured as one graph per device, its hand-offs (hidden
 states, rotary tables, the step's counters) copied between the replays (`_segments.SegmentedCapture`); such a model's
@@ -41,7 +42,7 @@ import weakref
 
 import torch
 
-from . import _stop_check
+from . import _reach, _stop_check
 from ._compiled import CompiledLayers, _installed
 from ._decode_graph import TENSORS, EagerSteps, decode_graph
 from ._kept_rows import eager_prefill_swaps, last_row_only
@@ -56,7 +57,8 @@ _CACHES = "_hf_rolling_cache_replayed_caches"  # the caches it ran on (weakly): 
 
 def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_prefill: bool = False) -> None:
     """Replay decode steps of ``model`` with a rolling cache as CUDA graphs (captured once per cache); its prefill
-    forwards compute only the rows read of the last layer's products after its keys and values (`_kept_rows`).
+    forwards compute only the rows read of the last layer's products after its keys and values (`_kept_rows`), and
+    generate's prefill chunks run only the layers whose keys and values are read (`_reach`).
 
     Args:
         model: a causal LM using the "rolling_xformers" attention.
@@ -116,6 +118,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
     setattr(model, _COMPILED, compiled)
     setattr(model, _CACHES, caches)
     model.forward = forward
+    _reach.watch(model)
 
 
 def replays_steps(cache: RollingSlidingWindowCache) -> bool:
@@ -148,6 +151,7 @@ def release_cuda_graphs(model: torch.nn.Module) -> None:
             del model.forward  # the instance attribute; the class's forward shows through again
         for name in (_ORIGINAL_FORWARD, _COMPILED, _HAD_FORWARD, _CACHES):
             delattr(model, name)
+        _reach.unwatch(model)
         if compiled is not None:
             compiled.release()  # after the graphs that read the fused weights are gone, and the model is eager
 

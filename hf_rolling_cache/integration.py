@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from . import _reach
 from ._fp8 import check_kv_dtype
 from ._support import check_model, layer_windows
 from .cache import ATTENTION_NAME, RollingSlidingWindowCache
@@ -45,7 +46,8 @@ def enable(
             `RollingSlidingWindowCache`). A cache passed as ``past_key_values`` keeps its own.
 
     Each call gets a fresh `RollingSlidingWindowCache` unless one is passed as ``past_key_values`` (to continue a
-    conversation). Assisted and prompt-lookup decoding roll back the draft tokens they reject: their cache keeps
+    conversation). Prefill chunks run only the layers whose keys and values the rest of the generation reads
+    (`_reach`: in a long prompt, the early chunks stop below the top layers). Assisted and prompt-lookup decoding roll back the draft tokens they reject: their cache keeps
     a few slots of slack beyond the window so that every rollback is exact.
     """
     if is_enabled(model):
@@ -83,6 +85,7 @@ def enable(
 
     model.generate = generate
     setattr(model, _STATE, saved)
+    _reach.watch(model)
 
 
 def disable(model: PreTrainedModel) -> None:
@@ -98,6 +101,7 @@ def disable(model: PreTrainedModel) -> None:
     if saved.attn_implementation is not None:
         model.set_attn_implementation(saved.attn_implementation)
     delattr(model, _STATE)
+    _reach.unwatch(model)
 
 
 def is_enabled(model: PreTrainedModel) -> bool:
