@@ -76,6 +76,9 @@ PATHS = {
     "rolling_graphs_compiled_prefill_flex": ("rolling_xformers", rolling_cache, "window"),
     # compiled prefill, its last layer computing every row (as before `_kept_rows`): the baseline of that saving
     "rolling_graphs_compiled_prefill_allrows": ("rolling_xformers", rolling_cache, "window"),
+    # every prefill chunk through every layer (as before `_reach`): the baselines of that saving, compiled and eager
+    "rolling_graphs_compiled_prefill_alllayers": ("rolling_xformers", rolling_cache, "window"),
+    "rolling_graphs_alllayers": ("rolling_xformers", rolling_cache, "window"),
     # compiled, but each q/k/v and gate/up product separate (as before `_fused`): the fusion's baseline
     "rolling_graphs_compiled_unfused": ("rolling_xformers", rolling_cache, "window"),
     # compiled, decode attention by SDPA after a separate ring write (as before `_ring_decode`): the kernels' baseline
@@ -243,6 +246,8 @@ def run_generate(model, path, input_ids, new_tokens, device, clock: StepClock | 
             options.enter_context(mock.patch("hf_rolling_cache._compiled.shard_of", lambda module: None))
         if path.endswith("_allrows"):
             options.enter_context(mock.patch("hf_rolling_cache.graphs.last_row_only", lambda model, kwargs: False))
+        if path.endswith("_alllayers"):
+            options.enter_context(mock.patch("hf_rolling_cache._reach.layers_to_run", lambda windows, *a: len(windows)))
         if path.endswith("_nopdl"):
             options.enter_context(mock.patch.dict("hf_rolling_cache._ring_decode._CONFIG", dependent_launch=False))
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
