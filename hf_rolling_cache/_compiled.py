@@ -87,12 +87,13 @@ class CompiledLayers:
                 yield
 
     @contextlib.contextmanager
-    def prefill_swapped_in(self, last_row_only: bool = False):
+    def prefill_swapped_in(self, last_row_only: bool = False, last_layer: torch.nn.Module | None = None):
         """For a prefill forward (`graphs.use_cuda_graphs`): the layers compiled for any number of tokens (dynamic
         shapes: one compilation per layer kind serves every prompt and chunk length), their products cuBLAS's, and
         the attention cuDNN's or FlexAttention's (`_compiled_prefill`). With ``last_row_only`` (`_kept_rows.last_row_only`:
         the caller reads only the last position's logits), the last decoder layer computes its products after the
-        keys and values for that row only (`_kept_rows`; compiled as a code of its own)."""
+        keys and values for that row only (`_kept_rows`; compiled as a code of its own): ``last_layer``, the top one
+        this forward runs (a prefill chunk that stops early, `_reach`), by default the model's last."""
         if self._prefill is None:
             self._prefill = [
                 _with_contiguous_inputs(torch.compile(m.forward, backend=self._backend, options=self._options))
@@ -100,7 +101,7 @@ class CompiledLayers:
             ]
         swaps = self._layer_swaps(self._prefill)
         if last_row_only:
-            swaps += last_layer_swaps(self.layers[-1])
+            swaps += last_layer_swaps(self.layers[-1] if last_layer is None else last_layer)
         with self._compile_settings(), distinct_sizes(), _installed(swaps), prefill_kernel():
             yield
 

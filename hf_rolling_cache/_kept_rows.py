@@ -54,12 +54,13 @@ def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> li
         return []  # (a decode step that runs eagerly: nothing to save)
     if not isinstance(kwargs.get("past_key_values"), RollingSlidingWindowCache):
         return []
-    layer = _last_decoder_layer(model)
+    layer = last_decoder_layer(model)
     return last_layer_swaps(layer) if layer is not None and last_row_only(model, kwargs) else []
 
 
-def _last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    """``model.get_decoder().layers[-1]``, where the model has one."""
+def last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model.get_decoder().layers[-1]``, where the model has one: the top layer this forward runs (a prefill
+    chunk that stops early runs fewer, `_reach`)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 else None

@@ -45,7 +45,7 @@ import torch
 from . import _reach, _stop_check
 from ._compiled import CompiledLayers, _installed
 from ._decode_graph import TENSORS, EagerSteps, decode_graph
-from ._kept_rows import eager_prefill_swaps, last_row_only
+from ._kept_rows import eager_prefill_swaps, last_decoder_layer, last_row_only
 from ._segments import Placement, placement_of
 from .cache import RollingSlidingWindowCache
 
@@ -107,7 +107,7 @@ def use_cuda_graphs(model: torch.nn.Module, *, compile: bool = False, compile_pr
         if not args and _replayable(placement, cache, kwargs):
             return decode_graph(model, placement, cache, eager_forward, kwargs, compiled).run(cache, kwargs)
         if compiled is not None and not args and _compiled_prefill(placement, cache, kwargs, compiled):
-            with compiled.prefill_swapped_in(last_row_only(model, kwargs)):
+            with compiled.prefill_swapped_in(last_row_only(model, kwargs), last_decoder_layer(model)):
                 return eager_forward(**kwargs)
         with _installed(eager_prefill_swaps(model, args, kwargs)):
             return eager_forward(*args, **kwargs)

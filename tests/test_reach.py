@@ -133,9 +133,15 @@ def test_prefill_chunks_stop_under_the_layers_nobody_reads_with_transformers_tok
     """Every layer slides (Mistral; Mixtral's experts; Phi-3's fused products), or the top ones do (Qwen2: two
     global layers, then two sliding): a ragged, left-padded batch in chunks of 4 against Transformers' own generate,
     and the cache against the same generation with every layer run."""
+    from hf_rolling_cache import _kept_rows
+
     reference, rolling = pair(name, window=4, seed=1)
     theirs = run(reference, None)
     counted = LayerRuns(monkeypatch)
+    one_row = []  # the layers whose products after the keys and values ran for one row (`_kept_rows`)
+    swaps = _kept_rows.last_layer_swaps
+    monkeypatch.setattr(_kept_rows, "last_layer_swaps", lambda layer: one_row.append(layer.self_attn.layer_idx) or
+                        swaps(layer))
     with switched_on(rolling, how):
         cache = RollingSlidingWindowCache(config=rolling.config)
         ours = run(rolling, cache)
@@ -149,6 +155,10 @@ def test_prefill_chunks_stop_under_the_layers_nobody_reads_with_transformers_tok
     assert runs == prefill_counts(cache, max(PROMPTS), CHUNK) + [layers] * (NEW - 1)
     assert sum(runs[:chunks]) < layers * chunks  # (with every layer run: all of them)
     assert counted.counts()[len(runs):] == [layers] * (chunks + NEW - 1)
+    # under use_cuda_graphs, the top layer a chunk runs computes one row after its keys and values (the last chunk
+    # is one column here: nothing to cut)
+    expected = [count - 1 for count in runs[: chunks - 1]] + [layers - 1] * (chunks - 1)
+    assert one_row == (expected if how == "use_cuda_graphs" else [])
     for skipped, kept in zip(cache.layers, whole.layers):
         assert torch.equal(skipped.slot_keys, kept.slot_keys) and torch.equal(skipped.slot_values, kept.slot_values)
 
@@ -282,23 +292,44 @@ def test_a_model_with_a_prefill_of_its_own_is_not_watched():
 @torch.no_grad()
 def test_the_compiled_prefill_stops_its_chunks_too(compiled_prefill_on_cpu, fresh_dynamo, monkeypatch):
     """``use_cuda_graphs(compile=True, compile_prefill=True)`` (its prefill made to run on CPU tensors): the chunks
-    run their layers compiled and stop as the eager ones do, with Transformers' tokens and logits."""
+    run their layers compiled and stop as the eager ones do, the top layer each runs computing its products after
+    the keys and values for the last row only (`_kept_rows`: nothing reads that layer's rows), with Transformers'
+    tokens and logits, and no more compiled code than with every layer run."""
+    from hf_rolling_cache import _compiled
+
     reference, rolling = model_pair(tiny_config(4, layers=4))
     counted = LayerRuns(monkeypatch)
+    one_row = []  # per compiled prefill forward: the layer whose rows after its keys and values are cut to one
+    swaps = _compiled.last_layer_swaps
+    monkeypatch.setattr(_compiled, "last_layer_swaps", lambda layer: one_row.append(layer.self_attn.layer_idx) or
+                        swaps(layer))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no CUDA: decode steps eager)
         use_cuda_graphs(rolling, compile=True, compile_prefill=True)
+    compiled = {}
     try:
-        cache = RollingSlidingWindowCache(config=rolling.config)
-        ours = run(rolling, cache)
+        for name in ("every layer", "stopping"):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            with mock.patch("hf_rolling_cache._reach.layers_to_run", every_layer) if name == "every layer" else \
+                    contextlib.nullcontext():
+                one_row.clear()
+                counted.forwards.clear()
+                compiled_prefill_on_cpu.clear()
+                cache = RollingSlidingWindowCache(config=rolling.config)
+                ours = run(rolling, cache)
+            compiled[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         release_cuda_graphs(rolling)
     theirs = run(reference, None)
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=0, atol=1e-4)
-    assert counted.counts() == prefill_counts(cache, max(PROMPTS), CHUNK) + [4] * (NEW - 1)
+    expected = prefill_counts(cache, max(PROMPTS), CHUNK)
+    assert counted.counts()[: len(expected) + NEW - 1] == expected + [4] * (NEW - 1)
     assert max(PROMPTS) % CHUNK == 1  # (the last chunk is one column: a decode-shaped forward, not compiled)
-    assert len(compiled_prefill_on_cpu) == sum(prefill_counts(cache, max(PROMPTS), CHUNK)[:-1])  # each run compiled
+    assert len(compiled_prefill_on_cpu) == sum(expected[:-1])  # each run compiled, attention by FlexAttention
+    assert one_row[: len(expected) - 1] == [count - 1 for count in expected[:-1]]
+    assert compiled["stopping"] <= compiled["every layer"]  # (no compiled code of its own)
 
 
 @pytest.mark.gpu
