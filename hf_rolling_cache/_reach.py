@@ -92,7 +92,11 @@ def _watched_prefill(model, input_ids, generation_config, model_kwargs, *args, *
     @functools.wraps(forward)
     def chunk_forward(*call_args, **call_kwargs):
         tokens = call_kwargs.get("input_ids")
-        if call_args or tokens is None or call_kwargs.get("past_key_values") is not cache or others_read(model, call_kwargs):
+        if (
+            call_args or tokens is None or tokens.shape[1] < 2 or call_kwargs.get("past_key_values") is not cache
+            or others_read(model, call_kwargs)
+        ):  # (a chunk of one column is decode-shaped: CUDA graph decoding may capture it, and a capture holds every
+            # layer for the steps after it)
             return forward(*call_args, **call_kwargs)
         chunk_end = cache.get_seq_length() + tokens.shape[1]
         if chunk_end >= end:  # the last chunk: its logits are read

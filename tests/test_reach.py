@@ -252,6 +252,23 @@ def test_no_chunk_stops_where_someone_would_see_it(where, monkeypatch):
     assert torch.equal(ours.sequences, run(reference, None).sequences)
 
 
+@torch.no_grad()
+def test_chunks_of_one_column_run_every_layer(monkeypatch):
+    """A chunk of one column is decode-shaped: under ``use_cuda_graphs`` on a GPU its forward may be the one whose
+    step is captured and then replayed for every later token, so it runs every layer."""
+    reference, rolling = model_pair(tiny_config(4, layers=4))
+    counted = LayerRuns(monkeypatch)
+    input_ids, attention_mask = ragged_batch([20, 13], vocab=97, seed=5)
+    with switched_on(rolling, "use_cuda_graphs"):
+        ours = rolling.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False,
+                                pad_token_id=0, prefill_chunk_size=1, past_key_values=RollingSlidingWindowCache(
+                                    config=rolling.config))
+    assert counted.counts() == [4] * (20 + 2)
+    theirs = reference.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3,
+                                do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
 def test_enable_and_use_cuda_graphs_each_watch_the_prefill_until_undone(monkeypatch):
     """Both switched on, then off in either order: the prefill is watched while either is on, and nothing of ours
     is left on the model after both."""
