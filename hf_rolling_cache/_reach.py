@@ -13,6 +13,11 @@ A chunk that ends before a layer's reach stops under that layer: in a 32768-toke
 W = 4096, in chunks of 4096, the first chunk runs 25 layers, the second 26, ... the seventh 31 (28 of the 256
 layer runs are skipped, 11% of the prompt's arithmetic).
 
+How: `watch` installs, once, a wrapper of generate's ``_prefill`` (noting where the prompt ends), a hook before
+and after each call of the model (a chunk whose outputs nobody reads gets its count of layers), and the decoder's
+layer list as `_CutLayers`, which shows the cut to that call's thread only: other threads using the model meanwhile
+see every layer. The cache's ledger commits a stopped chunk's step after its layers (``StepLedger.layers_run``).
+
 Exact: every value that the last logits and the kept cache read comes from the same computation as without the
 skip. A layer that runs may compute rows that feed nothing kept, from ring slots a skipped layer left behind
 (zeros, or an older column's keys and values: finite numbers); those rows go nowhere.
@@ -20,21 +25,20 @@ skip. A layer that runs may compute rows that feed nothing kept, from ring slots
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers.generation.utils import GenerationMixin
 
-from ._compiled import _installed
-from ._fused import _global_hooks, _hooked, wrapped
+from ._fused import _global_hooks, wrapped
 from ._kept_rows import others_read
 from .cache import RollingSlidingWindowCache
 
 _WATCHERS = "_hf_rolling_cache_prefill_watchers"  # how many of enable / use_cuda_graphs watch the model's prefill
+_HOOKS = "_hf_rolling_cache_prefill_hooks"  # the handles of the hooks `watch` put on the model
 
 
 def layers_to_run(windows: Sequence[int | None], capacities: Sequence[int], chunk_end: int, prefill_end: int) -> int:
@@ -57,12 +61,26 @@ def layers_to_run(windows: Sequence[int | None], capacities: Sequence[int], chun
 
 def watch(model: torch.nn.Module) -> None:
     """Chunks of ``model.generate``'s chunked prefill on a rolling cache run only the layers they must (once per
-    model, whoever asks: `enable` and `use_cuda_graphs` each watch, and each `unwatch` when undone)."""
+    model, whoever asks: `enable` and `use_cuda_graphs` each watch, and each `unwatch` when undone).
+
+    Installed once, never per call, so that other threads using the model meanwhile see it whole: generate's
+    ``_prefill`` (noting, for its thread, where the prompt ends), a hook before and after each call of the model
+    (deciding, for its thread, how many layers a chunk runs), and the decoder's layer list as `_CutLayers` (which
+    shows its thread's cut only)."""
     count = getattr(model, _WATCHERS, 0)
-    if count == 0 and type(model)._prefill is GenerationMixin._prefill and "_prefill" not in vars(model):
-        # (not a model's own prefill, nor one someone set on the instance)
-        model._prefill = types.MethodType(_watched_prefill, model)
     setattr(model, _WATCHERS, count + 1)
+    layers = _decoder_layers(model)
+    if (
+        count > 0 or type(model)._prefill is not GenerationMixin._prefill or "_prefill" in vars(model)
+        or layers is None or type(layers) is not torch.nn.ModuleList
+    ):
+        return  # (a model's own prefill, one someone set on the instance, or layers in a list of another kind)
+    model._prefill = types.MethodType(_watched_prefill, model)
+    layers.__class__ = _CutLayers
+    setattr(model, _HOOKS, (
+        model.register_forward_pre_hook(_before_call, with_kwargs=True),
+        model.register_forward_hook(_after_call, with_kwargs=True, always_call=True),
+    ))
 
 
 def unwatch(model: torch.nn.Module) -> None:
@@ -70,47 +88,88 @@ def unwatch(model: torch.nn.Module) -> None:
     if count > 1:
         setattr(model, _WATCHERS, count - 1)
         return
+    vars(model).pop(_WATCHERS, None)
     if getattr(vars(model).get("_prefill"), "__func__", None) is _watched_prefill:
         del model._prefill
-    vars(model).pop(_WATCHERS, None)
+    for handle in vars(model).pop(_HOOKS, ()):
+        handle.remove()
+    layers = _decoder_layers(model)
+    if type(layers) is _CutLayers:
+        layers.__class__ = torch.nn.ModuleList
 
 
-_watching = threading.local()
+class _CutLayers(torch.nn.ModuleList):
+    """A watched decoder's layer list (the same object, its class swapped): inside a stopped chunk's forward on
+    this thread, its first ``count`` layers only; whole everywhere else."""
+
+    def _shown(self) -> list[torch.nn.Module]:
+        layers = list(self._modules.values())
+        count = getattr(_per_thread, "cuts", {}).get(id(self))
+        return layers if count is None else layers[:count]
+
+    def __len__(self) -> int:
+        return len(self._shown())
+
+    def __iter__(self):
+        return iter(self._shown())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return torch.nn.ModuleList(self._shown()[index])
+        return super().__getitem__(index)  # (an int: counted from the end of what is shown, by len)
+
+
+_per_thread = threading.local()  # .prefill: (model, cache, end, windows, capacities); .cuts: {id(layers): count}
 
 
 def _watched_prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs):
-    """generate's ``_prefill``, its chunk forwards stopping after the layers they must run (`layers_to_run`)."""
+    """generate's ``_prefill``, noting for this thread where its chunks end, so that the hook before each call of
+    the model stops a chunk after the layers it must run (`layers_to_run`)."""
     prefill = functools.partial(GenerationMixin._prefill, model)
     end = _prefill_end(model, input_ids, generation_config, model_kwargs)
-    if end is None or getattr(_watching, "active", False):
+    if end is None or getattr(_per_thread, "prefill", None) is not None:
         return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
     cache = model_kwargs["past_key_values"]
-    forward = model.forward
     windows = [layer.window for layer in cache.layers]
     capacities = [layer.capacity for layer in cache.layers]
+    _per_thread.prefill = (model, cache, end, windows, capacities)
+    try:
+        return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+    finally:
+        _per_thread.prefill = None
 
-    @functools.wraps(forward)
-    def chunk_forward(*call_args, **call_kwargs):
-        tokens = call_kwargs.get("input_ids")
+
+def _before_call(model, args, kwargs) -> None:
+    """Before each call of a watched model: in a chunk of this thread's watched prefill whose outputs nobody reads,
+    show this thread the first layers only, and have the cache's ledger commit after them."""
+    if not hasattr(_per_thread, "calls"):
+        _per_thread.calls, _per_thread.cuts = [], {}
+    _per_thread.calls.append(None)  # (popped by `_after_call`, which runs whatever happens)
+    prefill = getattr(_per_thread, "prefill", None)
+    if prefill is not None and prefill[0] is model:
+        _, cache, end, windows, capacities = prefill
+        tokens = kwargs.get("input_ids")
         if (
-            call_args or tokens is None or tokens.shape[1] < 2 or call_kwargs.get("past_key_values") is not cache
-            or others_read(model, call_kwargs)
+            not args and tokens is not None and tokens.shape[1] > 1 and kwargs.get("past_key_values") is cache
+            and not others_read(model, kwargs)
         ):  # (a chunk of one column is decode-shaped: CUDA graph decoding may capture it, and a capture holds every
             # layer for the steps after it)
-            return forward(*call_args, **call_kwargs)
-        chunk_end = cache.get_seq_length() + tokens.shape[1]
-        if chunk_end >= end:  # the last chunk: its logits are read
-            return forward(*call_args, **call_kwargs)
-        count = layers_to_run(windows, capacities, chunk_end, end)
-        with _first_layers(model, count), cache.ledger.first_layers_only(count):
-            return forward(*call_args, **call_kwargs)
+            chunk_end = cache.get_seq_length() + tokens.shape[1]
+            if chunk_end < end:  # (not the last chunk: its logits are read)
+                count = layers_to_run(windows, capacities, chunk_end, end)
+                layers = id(_decoder_layers(model))
+                _per_thread.calls[-1] = (layers, cache)
+                _per_thread.cuts[layers] = count
+                cache.ledger.layers_run = count
 
-    _watching.active = True
-    try:
-        with _installed([(model, "forward", chunk_forward)]):
-            return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
-    finally:
-        _watching.active = False
+
+def _after_call(model, args, kwargs, output) -> None:
+    """After each call of a watched model (an exception too): the layers whole again, and the ledger as before."""
+    stopped = _per_thread.calls.pop()
+    if stopped is not None:
+        layers, cache = stopped
+        del _per_thread.cuts[layers]
+        cache.ledger.layers_run = None
 
 
 def _prefill_end(model, input_ids, generation_config, model_kwargs) -> int | None:
@@ -135,28 +194,21 @@ def _prefill_end(model, input_ids, generation_config, model_kwargs) -> int | Non
     layers = _decoder_layers(model)
     if layers is None or len(layers) != len(cache.layers) or _global_hooks():
         return None
-    if _hooked(model) or any(wrapped(module) for module in model.modules() if module is not model):
+    if _others_hooks(model) or any(wrapped(module) for module in model.modules() if module is not model):
         return None
     return input_ids.shape[1]
+
+
+def _others_hooks(model: torch.nn.Module) -> bool:
+    """Hooks on ``model`` besides the two of `watch`."""
+    ours = {handle.id for handle in vars(model).get(_HOOKS, ())}
+    return (
+        bool(set(model._forward_pre_hooks) - ours) or bool(set(model._forward_hooks) - ours)
+        or hasattr(model, "_hf_hook")
+    )
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) else None
-
-
-@contextlib.contextmanager
-def _first_layers(model: torch.nn.Module, count: int) -> Iterator[None]:
-    """Inside the block the decoder has its first ``count`` layers only (the same modules)."""
-    decoder = model.get_decoder()
-    layers = decoder._modules["layers"]
-    if count >= len(layers):
-        yield
-        return
-    decoder._modules["layers"] = layers[:count]
-    try:
-        yield
-    finally:
-        decoder._modules["layers"] = layers
-

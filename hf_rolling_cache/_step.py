@@ -133,7 +133,10 @@ class StepLedger:
         # The walkthrough's per-sequence chunks (mistral-inference's packing) leave a sequence without tokens in a
         # later forward; its window counts its own tokens there, as in the article. generate never does this.
         self.allow_holes = False
-        self._layers_run: int | None = None  # set by `first_layers_only`
+        # A forward that runs its first layers only (`_reach`: a prefill chunk whose outputs nobody reads) commits
+        # its step once that many have written; the layers above keep what they held in the slots of its columns,
+        # which nothing reads. Set by `_reach` around such a forward; None: every layer.
+        self.layers_run: int | None = None
 
     # --- a forward --------------------------------------------------------------------------------------------------
     def plan(self, mask, window: int | None, capacity: Callable[[], int]) -> StepPlan | DeviceDecodePlan:
@@ -142,7 +145,7 @@ class StepLedger:
         if step is None or step.forward != mask.forward:
             self.check_usable()
             step = self._open = self._begin(mask)
-            step.layers_run = self._layers_run
+            step.layers_run = self.layers_run
         if window not in step.plans:
             if step.device_counters is not None:
                 seen, real = step.device_counters
@@ -173,17 +176,6 @@ class StepLedger:
             self.counters.columns += step.q_length
             self._open = None
             self.last_plan = plan
-
-    @contextlib.contextmanager
-    def first_layers_only(self, count: int) -> Iterator[None]:
-        """A forward inside the block runs its first ``count`` layers only (`_reach`: a prefill chunk whose outputs
-        nobody reads): its step commits once those have written. The layers above keep what they held in the slots
-        of its columns, which nothing reads."""
-        self._layers_run = count
-        try:
-            yield
-        finally:
-            self._layers_run = None
 
     def commit_replayed(self, advance: bool = False) -> None:
         """A replayed decode step (a CUDA graph) ran: count its column. ``advance``: the graph did not advance the

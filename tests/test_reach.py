@@ -286,10 +286,58 @@ def test_enable_and_use_cuda_graphs_each_watch_the_prefill_until_undone(monkeypa
             assert sum(counted.counts()) < 4 * len(counted.counts())  # still watched: chunks stopped early
             undo[second](rolling)
             assert not any(name.startswith("_hf_rolling_cache") or name == "_prefill" for name in vars(rolling))
+            assert type(rolling.model.layers) is torch.nn.ModuleList
+            assert not rolling._forward_hooks and not rolling._forward_pre_hooks
             rolling.set_attn_implementation("rolling_xformers")
             counted.forwards.clear()
             run(rolling, RollingSlidingWindowCache(config=rolling.config))
             assert all(count == 4 for count in counted.counts())  # a plain generate: every layer runs
+
+
+@torch.no_grad()
+def test_another_thread_sees_every_layer_while_a_chunk_has_stopped(monkeypatch):
+    """The cut is this thread's: while one thread is inside a stopped chunk, another thread's forward and generate
+    on the same model run every layer (Transformers' logits and tokens), and the first thread's generation is
+    Transformers' too."""
+    import threading
+
+    reference, rolling = model_pair(tiny_config(4, layers=4))
+    short = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(8))
+    expected_logits = reference(input_ids=short).logits
+    expected_tokens = reference.generate(input_ids=short, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    inside, done, seen = threading.Event(), threading.Event(), {}
+    update = RollingSlidingWindowCache.update
+
+    def pausing(cache, key_states, value_states, layer_idx, *args, **kwargs):
+        if threading.current_thread().name == "long" and cache.ledger.layers_run is not None and not inside.is_set():
+            inside.set()  # a stopped chunk of the long prompt is running: let the other thread go, then go on
+            done.wait(timeout=60)
+        return update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(RollingSlidingWindowCache, "update", pausing)
+
+    def other():
+        inside.wait(timeout=60)
+        try:
+            seen["layers"] = len(rolling.model.layers)
+            seen["logits"] = rolling(input_ids=short, use_cache=False).logits
+            seen["tokens"] = rolling.generate(input_ids=short, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        finally:
+            done.set()
+
+    with switched_on(rolling, "enable"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        result = {}
+        long = threading.Thread(target=lambda: result.update(out=run(rolling, RollingSlidingWindowCache(
+            config=rolling.config))), name="long")
+        long.start()
+        long.join(timeout=120)
+        thread.join(timeout=120)
+    assert inside.is_set() and seen["layers"] == 4
+    torch.testing.assert_close(seen["logits"], expected_logits, rtol=0, atol=1e-4)
+    assert torch.equal(seen["tokens"], expected_tokens)
+    assert torch.equal(result["out"].sequences, run(reference, None).sequences)
 
 
 @torch.no_grad()
