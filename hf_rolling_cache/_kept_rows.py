@@ -61,9 +61,15 @@ def eager_prefill_swaps(model: torch.nn.Module, args: tuple, kwargs: dict) -> li
 def last_decoder_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     """``model.get_decoder().layers[-1]``, where the model has one: the top layer this forward runs (a prefill
     chunk that stops early runs fewer, `_reach`)."""
+    layers = decoder_layers(model)
+    return layers[-1] if layers is not None and len(layers) > 0 else None
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """``model.get_decoder().layers``, where the model has such a list."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
-    return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 else None
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
 def last_layer_swaps(layer: torch.nn.Module) -> list[tuple]:

@@ -34,7 +34,7 @@ import torch
 from transformers.generation.utils import GenerationMixin
 
 from ._fused import _global_hooks, wrapped
-from ._kept_rows import others_read
+from ._kept_rows import decoder_layers, others_read
 from .cache import RollingSlidingWindowCache
 
 _WATCHERS = "_hf_rolling_cache_prefill_watchers"  # how many of enable / use_cuda_graphs watch the model's prefill
@@ -69,7 +69,7 @@ def watch(model: torch.nn.Module) -> None:
     shows its thread's cut only)."""
     count = getattr(model, _WATCHERS, 0)
     setattr(model, _WATCHERS, count + 1)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if (
         count > 0 or type(model)._prefill is not GenerationMixin._prefill or "_prefill" in vars(model)
         or layers is None or type(layers) is not torch.nn.ModuleList
@@ -93,7 +93,7 @@ def unwatch(model: torch.nn.Module) -> None:
         del model._prefill
     for handle in vars(model).pop(_HOOKS, ()):
         handle.remove()
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if type(layers) is _CutLayers:
         layers.__class__ = torch.nn.ModuleList
 
@@ -157,7 +157,7 @@ def _before_call(model, args, kwargs) -> None:
             chunk_end = cache.get_seq_length() + tokens.shape[1]
             if chunk_end < end:  # (not the last chunk: its logits are read)
                 count = layers_to_run(windows, capacities, chunk_end, end)
-                layers = id(_decoder_layers(model))
+                layers = id(decoder_layers(model))
                 _per_thread.calls[-1] = (layers, cache)
                 _per_thread.cuts[layers] = count
                 cache.ledger.layers_run = count
@@ -191,7 +191,7 @@ def _prefill_end(model, input_ids, generation_config, model_kwargs) -> int | Non
     mask_length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
     if mask_length != input_ids.shape[1] or cache.get_seq_length() >= input_ids.shape[1]:
         return None
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if layers is None or len(layers) != len(cache.layers) or _global_hooks():
         return None
     if _others_hooks(model) or any(wrapped(module) for module in model.modules() if module is not model):
@@ -207,8 +207,3 @@ def _others_hooks(model: torch.nn.Module) -> bool:
         or hasattr(model, "_hf_hook")
     )
 
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) else None

@@ -107,7 +107,6 @@ class _Step:
         self.plans: dict[int | None, StepPlan | DeviceDecodePlan] = {}
         self.mirrors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device counters elsewhere
         self.written: set[int] = set()
-        self.layers_run: int | None = None  # the step commits once this many layers have written (None: all)
 
     @property
     def seen_after(self) -> tuple[int, ...]:
@@ -145,7 +144,6 @@ class StepLedger:
         if step is None or step.forward != mask.forward:
             self.check_usable()
             step = self._open = self._begin(mask)
-            step.layers_run = self.layers_run
         if window not in step.plans:
             if step.device_counters is not None:
                 seen, real = step.device_counters
@@ -165,7 +163,7 @@ class StepLedger:
         step = self._open
         assert step is not None and step.plans.get(plan.window) is plan, "layer_written outside its forward"
         step.written.add(layer_idx)
-        if len(step.written) == (step.layers_run or self.num_layers):
+        if len(step.written) == (self.layers_run or self.num_layers):
             if step.device_counters is not None:
                 if not self.defer_advance:
                     seen, real = step.device_counters
