@@ -66,7 +66,6 @@ class LayerRuns:
 
     def __init__(self, monkeypatch) -> None:
         self.forwards: list[list[int]] = []
-        self.caches: list[RollingSlidingWindowCache] = []
         update = RollingSlidingWindowCache.update
 
         @torch.compiler.disable  # (as the cache's own update: compiled layers call it eagerly)
@@ -74,14 +73,22 @@ class LayerRuns:
             if int(layer_idx) == 0:
                 self.forwards.append([])
             self.forwards[-1].append(int(layer_idx))
-            if cache not in self.caches:
-                self.caches.append(cache)
             return update(cache, key_states, value_states, layer_idx, *args, **kwargs)
 
         monkeypatch.setattr(RollingSlidingWindowCache, "update", counted)
 
     def counts(self) -> list[int]:
         return [len(runs) for runs in self.forwards]
+
+
+def one_row_layers(monkeypatch, module) -> list[int]:
+    """The layers whose products after the keys and values are cut to one row (`_kept_rows.last_layer_swaps`, as
+    ``module`` calls it), one entry per forward that cuts."""
+    layers = []
+    swaps = module.last_layer_swaps
+    monkeypatch.setattr(module, "last_layer_swaps", lambda layer: layers.append(layer.self_attn.layer_idx) or
+                        swaps(layer))
+    return layers
 
 
 def prefill_counts(cache, prompt_columns: int, chunk: int) -> list[int]:
@@ -138,10 +145,7 @@ def test_prefill_chunks_stop_under_the_layers_nobody_reads_with_transformers_tok
     reference, rolling = pair(name, window=4, seed=1)
     theirs = run(reference, None)
     counted = LayerRuns(monkeypatch)
-    one_row = []  # the layers whose products after the keys and values ran for one row (`_kept_rows`)
-    swaps = _kept_rows.last_layer_swaps
-    monkeypatch.setattr(_kept_rows, "last_layer_swaps", lambda layer: one_row.append(layer.self_attn.layer_idx) or
-                        swaps(layer))
+    one_row = one_row_layers(monkeypatch, _kept_rows)
     with switched_on(rolling, how):
         cache = RollingSlidingWindowCache(config=rolling.config)
         ours = run(rolling, cache)
@@ -364,10 +368,7 @@ def test_the_compiled_prefill_stops_its_chunks_too(compiled_prefill_on_cpu, fres
 
     reference, rolling = model_pair(tiny_config(4, layers=4))
     counted = LayerRuns(monkeypatch)
-    one_row = []  # per compiled prefill forward: the layer whose rows after its keys and values are cut to one
-    swaps = _compiled.last_layer_swaps
-    monkeypatch.setattr(_compiled, "last_layer_swaps", lambda layer: one_row.append(layer.self_attn.layer_idx) or
-                        swaps(layer))
+    one_row = one_row_layers(monkeypatch, _compiled)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no CUDA: decode steps eager)
         use_cuda_graphs(rolling, compile=True, compile_prefill=True)
